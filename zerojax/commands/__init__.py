@@ -1,0 +1,1 @@
+"""Subcommands of the `zerojax` command line (see `zerojax.cli`)."""

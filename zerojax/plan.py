@@ -1,0 +1,119 @@
+"""The training state and its placement: a `ZeroPlan` holds every layout and sharding of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from zerojax.precision import LossScaleState, Precision
+from zerojax.rules import ZeroRules, is_layout
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes.
+
+    `params` is the compute-dtype copy the model runs with (param layout); `master` the optimizer's
+    copy (opt layout), None when compute and master dtypes agree (then `params` is updated directly);
+    `skipped` counts steps skipped for non-finite gradients.
+    """
+
+    step: jax.Array
+    params: Any
+    master: Any
+    opt_state: Any
+    loss_scale: LossScaleState | None
+    skipped: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroPlan:
+    """Rules, precision and optimizer of a run, with the layout of every parameter and optimizer leaf."""
+
+    rules: ZeroRules
+    precision: Precision
+    tx: optax.GradientTransformation
+    param_layouts: Any
+    opt_layouts: Any
+    abstract_params: Any  # ShapeDtypeStructs of the compute copy
+
+    @property
+    def mesh(self):
+        return self.rules.mesh
+
+    def _tree(self, layouts, which):
+        return self.rules.shardings(layouts, which)
+
+    @property
+    def param_shardings(self) -> Any:
+        return self._tree(self.param_layouts, "param")
+
+    @property
+    def grad_shardings(self) -> Any:
+        """Shardings of the reduced gradient handed to the optimizer (the optimizer-state layout)."""
+        return self._tree(self.param_layouts, "opt")
+
+    @property
+    def opt_state_shardings(self) -> Any:
+        return self._tree(self.opt_layouts, "opt")
+
+    @property
+    def state_shardings(self) -> TrainState:
+        replicated = NamedSharding(self.mesh, P())
+        scaler = self.precision.loss_scale
+        return TrainState(
+            step=replicated,
+            params=self.param_shardings,
+            master=self.grad_shardings if self.precision.mixed else None,
+            opt_state=self.opt_state_shardings,
+            loss_scale=None if scaler is None else LossScaleState(replicated, replicated, replicated),
+            skipped=replicated,
+        )
+
+    def abstract_state(self) -> TrainState:
+        """The state as `jax.ShapeDtypeStruct`s carrying their shardings: compile without allocating."""
+        shapes = jax.eval_shape(lambda: _fresh_state(self, self.abstract_params))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+
+def make_plan(
+    params: Any,
+    tx: optax.GradientTransformation,
+    rules: ZeroRules,
+    precision: Precision = Precision(),
+    base_specs: Any = None,
+) -> ZeroPlan:
+    """Lays out a run: `params` (arrays or ShapeDtypeStructs) under `rules`, optimized by `tx`."""
+    compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.compute_dtype), params)
+    master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.master_dtype), params)
+    layouts = rules.layouts(compute, base_specs)
+    opt_state = jax.eval_shape(tx.init, master)
+    return ZeroPlan(rules, precision, tx, layouts, rules.opt_state_layouts(opt_state, master, layouts), compute)
+
+
+def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
+    prec = plan.precision
+    master = jax.tree.map(lambda x: jnp.asarray(x, prec.master_dtype), params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=jax.tree.map(lambda x: jnp.asarray(x, prec.compute_dtype), params),
+        master=master if prec.mixed else None,
+        opt_state=plan.tx.init(master),
+        loss_scale=None if prec.loss_scale is None else prec.loss_scale.init(),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def init_state(params: Any, plan: ZeroPlan) -> TrainState:
+    """A fresh state from full-precision `params`, each leaf placed straight into its sharding."""
+    return jax.jit(lambda p: _fresh_state(plan, p), out_shardings=plan.state_shardings)(params)
+
+
+def layout_leaves(layouts: Any) -> list:
+    return jax.tree.leaves(layouts, is_leaf=is_layout)

@@ -1,0 +1,221 @@
+"""ZeRO stages as sharding rules: where each parameter, its gradient and its optimizer state live.
+
+A stage decides, per tensor, over which data-parallel mesh axes three copies are partitioned:
+
+| stage | parameters (compute dtype) | gradients (scattered per micro-batch) | optimizer state |
+|-------|----------------------------|---------------------------------------|-----------------|
+| 0     | replicated                 | replicated                            | replicated      |
+| 1     | replicated                 | replicated                            | sharded         |
+| 2     | replicated                 | sharded                               | sharded         |
+| 3     | sharded                    | sharded                               | sharded         |
+
+All three use the same tensor dimension, so a shard of the optimizer state is a sub-shard of the
+gradient shard, which is a sub-shard of the parameter shard. Hierarchical variants on a 2-D
+`('replica', 'fsdp')` mesh: `mics` shards everything within an `fsdp` group and replicates across
+groups; `hpz` (stage 3) keeps parameters sharded within the `fsdp` group only while gradients and
+optimizer state are sharded over all devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from zerojax.mesh import DATA_AXES, FSDP
+
+Hierarchy = Literal["none", "mics", "hpz"]
+STAGES = (0, 1, 2, 3)
+HIERARCHIES = ("none", "mics", "hpz")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """Where one tensor lives: the dimension carrying the ZeRO axes and the axes of each copy.
+
+    `param_axes` ⊆ `grad_axes` ⊆ `opt_axes`, ordered so that scattering over `param_axes`, then the
+    rest of `grad_axes`, then the rest of `opt_axes` yields exactly the layout of `opt_spec`.
+    """
+
+    shape: tuple[int, ...]
+    base: tuple[Any, ...]  # the model's own (tensor-parallel) spec, one entry per dimension
+    dim: int | None
+    param_axes: tuple[str, ...] = ()
+    grad_axes: tuple[str, ...] = ()
+    opt_axes: tuple[str, ...] = ()
+    note: str = ""
+
+    def spec(self, axes: tuple[str, ...]) -> P:
+        """The full partition spec with `axes` added to the ZeRO dimension."""
+        entries = list(self.base)
+        if self.dim is not None and axes:
+            entries[self.dim] = axes[0] if len(axes) == 1 else tuple(axes)
+        return P(*entries)
+
+    @property
+    def param_spec(self) -> P:
+        return self.spec(self.param_axes)
+
+    @property
+    def grad_spec(self) -> P:
+        return self.spec(self.grad_axes)
+
+    @property
+    def opt_spec(self) -> P:
+        return self.spec(self.opt_axes)
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.opt_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroRules:
+    """The ZeRO stage and its options over a mesh; `layout` turns a tensor shape into a `LeafLayout`.
+
+    `persistence_threshold` is DeepSpeed's `stage3_param_persistence_threshold`: at stage 3 a
+    parameter with fewer elements stays replicated (its gradient and optimizer state are still
+    sharded, as at stage 2). zerojax's default is 0 (shard everything); DeepSpeed configs bring 1e5.
+    """
+
+    mesh: Mesh
+    stage: int = 3
+    persistence_threshold: int = 0
+    hierarchy: Hierarchy = "none"
+
+    def __post_init__(self):
+        if self.stage not in STAGES or isinstance(self.stage, bool):
+            raise ValueError(
+                f"ZeroRules: stage={self.stage!r} is not a ZeRO stage; use one of 0, 1, 2, 3 "
+                "(zero_optimization.stage)."
+            )
+        threshold = self.persistence_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(
+                f"ZeroRules: persistence_threshold={threshold!r} must be a non-negative integer "
+                "number of elements (stage3_param_persistence_threshold); use 0 to shard every tensor."
+            )
+        if self.hierarchy not in HIERARCHIES:
+            raise ValueError(
+                f"ZeroRules: hierarchy={self.hierarchy!r} is unknown; use 'none', 'mics' "
+                "(mics_shard_size) or 'hpz' (zero_hpz_partition_size)."
+            )
+        if self.hierarchy == "hpz" and self.stage != 3:
+            raise ValueError(
+                f"ZeroRules: hierarchy='hpz' partitions stage-3 parameters, but stage={self.stage}; "
+                "set stage=3 or drop zero_hpz_partition_size."
+            )
+        missing = [a for a in DATA_AXES if a not in self.mesh.shape]
+        if missing:
+            raise ValueError(
+                f"ZeroRules: the mesh has axes {tuple(self.mesh.shape)} but lacks {missing}; build it "
+                "with zerojax.make_mesh."
+            )
+
+    @property
+    def data_axes(self) -> tuple[str, ...]:
+        """The data-parallel axes with more than one device: the axes ZeRO shards over."""
+        return tuple(a for a in DATA_AXES if self.mesh.shape[a] > 1)
+
+    @property
+    def data_size(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in DATA_AXES)
+
+    def _axes(self) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """(param, grad, opt) axes of a shardable tensor at this stage, in scatter order."""
+        group = tuple(a for a in self.data_axes if a == FSDP)
+        shard = group if self.hierarchy == "mics" else self.data_axes
+        if self.hierarchy == "hpz":  # parameters within the group; the rest scattered after it
+            shard = group + tuple(a for a in self.data_axes if a not in group)
+        param = group if self.hierarchy == "hpz" else shard
+        return {
+            0: ((), (), ()),
+            1: ((), (), shard),
+            2: ((), shard, shard),
+            3: (param, shard, shard),
+        }[self.stage]
+
+    def layout(self, shape: tuple[int, ...], base: P | tuple | None = None) -> LeafLayout:
+        """The layout of one tensor of `shape` whose model-given spec is `base`."""
+        shape = tuple(int(s) for s in shape)
+        entries = tuple(base or ()) + (None,) * (len(shape) - len(tuple(base or ())))
+        param, grad, opt = self._axes()
+        if not opt:
+            why = "replicated (stage 0)" if self.stage == 0 else "replicated (one data-parallel rank)"
+            return LeafLayout(shape, entries, None, note=why)
+        ways = math.prod(self.mesh.shape[a] for a in opt)
+        free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % ways == 0]
+        if not free:
+            return LeafLayout(shape, entries, None, note=f"replicated: no free dimension divisible by {ways}")
+        dim = max(free, key=lambda d: (shape[d], -d))
+        note = "sharded"
+        if param and math.prod(shape) < self.persistence_threshold:
+            param, note = (), "parameter persistent (below persistence threshold)"
+        return LeafLayout(shape, entries, dim, param, grad, opt, note)
+
+    def layouts(self, params: Any, base_specs: Any = None) -> Any:
+        """The `LeafLayout` of every leaf of `params` (arrays or `jax.ShapeDtypeStruct`s).
+
+        `base_specs` is an optional matching tree of `PartitionSpec`s (e.g. from
+        `flax.nnx.get_partition_spec`) whose axes are kept; ZeRO axes go to another dimension.
+        """
+        if base_specs is None:
+            return jax.tree.map(lambda x: self.layout(x.shape), params)
+        try:
+            return jax.tree.map(
+                lambda x, s: self.layout(x.shape, s), params, base_specs,
+                is_leaf=lambda s: isinstance(s, P) or s is None,
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"ZeroRules.layouts: base_specs does not match the parameter tree ({e}); pass one "
+                "PartitionSpec per parameter, e.g. nnx.get_partition_spec(state)."
+            ) from None
+
+    def shardings(self, layouts: Any, which: Literal["param", "grad", "opt"]) -> Any:
+        """`NamedSharding`s of one copy (`param`, `grad` or `opt`) for a tree of layouts."""
+        return jax.tree.map(
+            lambda l: NamedSharding(self.mesh, getattr(l, f"{which}_spec")), layouts, is_leaf=is_layout
+        )
+
+    def opt_state_layouts(self, opt_state: Any, params: Any, layouts: Any) -> Any:
+        """Layouts for any optax state: a leaf follows the parameter whose tree path ends its own path
+        and whose shape it has; other leaves (factored moments, counts) get a layout of their own shape.
+        """
+        by_path = {
+            _path_key(path): (x.shape, layout)
+            for (path, x), layout in zip(
+                jax.tree_util.tree_flatten_with_path(params)[0],
+                jax.tree.leaves(layouts, is_leaf=is_layout),
+            )
+        }
+
+        def follow(path, leaf):
+            key = _path_key(path)
+            for start in range(len(key)):
+                hit = by_path.get(key[start:])
+                if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                    return hit[1]
+            return self.layout(leaf.shape)
+
+        return jax.tree_util.tree_map_with_path(follow, opt_state)
+
+
+def is_layout(x: Any) -> bool:
+    return isinstance(x, LeafLayout)
+
+
+def _path_key(path) -> tuple:
+    """A tree path as plain names and indices, so optax and parameter paths can be compared."""
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
