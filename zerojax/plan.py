@@ -11,7 +11,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.precision import LossScaleState, Precision
-from zerojax.rules import ZeroRules, is_layout
+from zerojax.rules import ZeroRules
 
 
 class TrainState(NamedTuple):
@@ -40,6 +40,7 @@ class ZeroPlan:
     param_layouts: Any
     opt_layouts: Any
     abstract_params: Any  # ShapeDtypeStructs of the compute copy
+    scanned: tuple[tuple, ...] = ()  # path prefixes of stacked layers the model gathers itself
 
     @property
     def mesh(self):
@@ -76,7 +77,7 @@ class ZeroPlan:
 
     def abstract_state(self) -> TrainState:
         """The state as `jax.ShapeDtypeStruct`s carrying their shardings: compile without allocating."""
-        shapes = jax.eval_shape(lambda: _fresh_state(self, self.abstract_params))
+        shapes = jax.eval_shape(lambda p: _fresh_state(self, p), self.abstract_params)
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
         )
@@ -88,13 +89,21 @@ def make_plan(
     rules: ZeroRules,
     precision: Precision = Precision(),
     base_specs: Any = None,
+    scanned: tuple = (),
 ) -> ZeroPlan:
-    """Lays out a run: `params` (arrays or ShapeDtypeStructs) under `rules`, optimized by `tx`."""
+    """Lays out a run: `params` (arrays or ShapeDtypeStructs) under `rules`, optimized by `tx`.
+
+    `scanned` names the stacked-layer subtrees by path prefix (e.g. `("layers",)` or
+    `(("model", "layers"),)`): their leading axis is the layer axis, and at stage 3 the model gathers
+    them one layer at a time with `zerojax.gather_on_use` inside its scan.
+    """
+    scanned = tuple((p,) if isinstance(p, (str, int)) else tuple(p) for p in scanned)
     compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.compute_dtype), params)
     master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.master_dtype), params)
-    layouts = rules.layouts(compute, base_specs)
+    layouts = rules.layouts(compute, base_specs, scanned)
     opt_state = jax.eval_shape(tx.init, master)
-    return ZeroPlan(rules, precision, tx, layouts, rules.opt_state_layouts(opt_state, master, layouts), compute)
+    opt_layouts = rules.opt_state_layouts(opt_state, master, layouts)
+    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, compute, scanned)
 
 
 def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
@@ -112,8 +121,23 @@ def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
 
 def init_state(params: Any, plan: ZeroPlan) -> TrainState:
     """A fresh state from full-precision `params`, each leaf placed straight into its sharding."""
+    check_params(params, plan, "init_state")
     return jax.jit(lambda p: _fresh_state(plan, p), out_shardings=plan.state_shardings)(params)
 
 
-def layout_leaves(layouts: Any) -> list:
-    return jax.tree.leaves(layouts, is_leaf=is_layout)
+def check_params(params: Any, plan: ZeroPlan, where: str) -> None:
+    """Raises a ValueError naming the first leaf where `params` departs from the plan's parameters."""
+    want, got = jax.tree_util.tree_flatten_with_path(plan.abstract_params), jax.tree_util.tree_flatten_with_path(params)
+    if want[1] != got[1]:
+        missing = {jax.tree_util.keystr(k) for k, _ in want[0]} ^ {jax.tree_util.keystr(k) for k, _ in got[0]}
+        raise ValueError(
+            f"{where}: the parameter tree does not match the plan's (differing leaves: "
+            f"{sorted(missing)[:5] or 'same names, different containers'}); build the plan with make_plan "
+            "from these same parameters, or restore the state into plan.abstract_state()."
+        )
+    for (path, w), (_, g) in zip(want[0], got[0]):
+        if tuple(w.shape) != tuple(g.shape):
+            raise ValueError(
+                f"{where}: parameter {jax.tree_util.keystr(path)} has shape {tuple(g.shape)} but the plan "
+                f"expects {tuple(w.shape)}; build the plan with make_plan from these same parameters."
+            )

@@ -47,6 +47,7 @@ class LeafLayout:
     grad_axes: tuple[str, ...] = ()
     opt_axes: tuple[str, ...] = ()
     note: str = ""
+    stacked: bool = False  # a leading layer axis, walked by the model's scan
 
     def spec(self, axes: tuple[str, ...]) -> P:
         """The full partition spec with `axes` added to the ZeRO dimension."""
@@ -138,42 +139,52 @@ class ZeroRules:
             3: (param, shard, shard),
         }[self.stage]
 
-    def layout(self, shape: tuple[int, ...], base: P | tuple | None = None) -> LeafLayout:
-        """The layout of one tensor of `shape` whose model-given spec is `base`."""
+    def layout(self, shape: tuple[int, ...], base: P | tuple | None = None, stacked: bool = False) -> LeafLayout:
+        """The layout of one tensor of `shape` whose model-given spec is `base`.
+
+        A `stacked` tensor carries a leading layer axis that a scan walks over: that axis is never
+        sharded and the persistence threshold applies to one layer's slice.
+        """
         shape = tuple(int(s) for s in shape)
         entries = tuple(base or ()) + (None,) * (len(shape) - len(tuple(base or ())))
         param, grad, opt = self._axes()
         if not opt:
             why = "replicated (stage 0)" if self.stage == 0 else "replicated (one data-parallel rank)"
-            return LeafLayout(shape, entries, None, note=why)
+            return LeafLayout(shape, entries, None, note=why, stacked=stacked)
         ways = math.prod(self.mesh.shape[a] for a in opt)
-        free = [d for d in range(len(shape)) if entries[d] is None and shape[d] % ways == 0]
+        first = 1 if stacked else 0
+        free = [d for d in range(first, len(shape)) if entries[d] is None and shape[d] % ways == 0]
         if not free:
-            return LeafLayout(shape, entries, None, note=f"replicated: no free dimension divisible by {ways}")
+            why = f"replicated: no free dimension divisible by {ways}"
+            return LeafLayout(shape, entries, None, note=why, stacked=stacked)
         dim = max(free, key=lambda d: (shape[d], -d))
         note = "sharded"
-        if param and math.prod(shape) < self.persistence_threshold:
+        if param and math.prod(shape[first:]) < self.persistence_threshold:
             param, note = (), "parameter persistent (below persistence threshold)"
-        return LeafLayout(shape, entries, dim, param, grad, opt, note)
+        return LeafLayout(shape, entries, dim, param, grad, opt, note, stacked)
 
-    def layouts(self, params: Any, base_specs: Any = None) -> Any:
+    def layouts(self, params: Any, base_specs: Any = None, scanned: tuple[tuple, ...] = ()) -> Any:
         """The `LeafLayout` of every leaf of `params` (arrays or `jax.ShapeDtypeStruct`s).
 
         `base_specs` is an optional matching tree of `PartitionSpec`s (e.g. from
         `flax.nnx.get_partition_spec`) whose axes are kept; ZeRO axes go to another dimension.
+        Leaves under a path prefix in `scanned` are stacked layers (see `layout`).
         """
+        stacked = lambda path: any(path_key(path)[: len(p)] == tuple(p) for p in scanned)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         if base_specs is None:
-            return jax.tree.map(lambda x: self.layout(x.shape), params)
-        try:
-            return jax.tree.map(
-                lambda x, s: self.layout(x.shape, s), params, base_specs,
-                is_leaf=lambda s: isinstance(s, P) or s is None,
-            )
-        except ValueError as e:
-            raise ValueError(
-                f"ZeroRules.layouts: base_specs does not match the parameter tree ({e}); pass one "
-                "PartitionSpec per parameter, e.g. nnx.get_partition_spec(state)."
-            ) from None
+            specs = [None] * len(leaves)
+        else:
+            try:
+                specs = treedef.flatten_up_to(base_specs)
+            except (ValueError, TypeError) as e:
+                raise ValueError(
+                    f"ZeroRules.layouts: base_specs does not match the parameter tree ({e}); pass one "
+                    "PartitionSpec (or None) per parameter, e.g. nnx.get_partition_spec(state)."
+                ) from None
+        return treedef.unflatten(
+            [self.layout(x.shape, spec, stacked(path)) for (path, x), spec in zip(leaves, specs)]
+        )
 
     def shardings(self, layouts: Any, which: Literal["param", "grad", "opt"]) -> Any:
         """`NamedSharding`s of one copy (`param`, `grad` or `opt`) for a tree of layouts."""
@@ -186,7 +197,7 @@ class ZeroRules:
         and whose shape it has; other leaves (factored moments, counts) get a layout of their own shape.
         """
         by_path = {
-            _path_key(path): (x.shape, layout)
+            path_key(path): (x.shape, layout)
             for (path, x), layout in zip(
                 jax.tree_util.tree_flatten_with_path(params)[0],
                 jax.tree.leaves(layouts, is_leaf=is_layout),
@@ -194,7 +205,7 @@ class ZeroRules:
         }
 
         def follow(path, leaf):
-            key = _path_key(path)
+            key = path_key(path)
             for start in range(len(key)):
                 hit = by_path.get(key[start:])
                 if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
@@ -208,7 +219,7 @@ def is_layout(x: Any) -> bool:
     return isinstance(x, LeafLayout)
 
 
-def _path_key(path) -> tuple:
+def path_key(path) -> tuple:
     """A tree path as plain names and indices, so optax and parameter paths can be compared."""
     out = []
     for k in path:

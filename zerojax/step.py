@@ -28,15 +28,12 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from zerojax.gather import Sharded
 from zerojax.mesh import DATA_AXES, TENSOR
-from zerojax.plan import TrainState, ZeroPlan
+from zerojax.plan import TrainState, ZeroPlan, check_params
 from zerojax.rules import LeafLayout, is_layout
 
 LossFn = Callable[[Any, Any], jax.Array]
-
-
-def _gather(x, axes, dim):
-    return lax.all_gather(x, axes, axis=dim, tiled=True) if axes else x
 
 
 def _scatter(x, axes, dim):
@@ -89,18 +86,30 @@ def make_train_step(
     def local_grads(params, batch, scale):
         """Per rank: this rank's slice of the summed gradient, in the optimizer layout, and the mean loss."""
         micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
-        full = _tree(lambda p, l: _gather(p, l.param_axes, l.dim), params, layouts)
 
-        def scaled_loss(p, b):
-            loss = jnp.asarray(loss_fn(p, b), jnp.float32)
+        def carrier(p, l):
+            """What the gradient is taken with respect to: the shard a stage-2/3 gradient lands in."""
+            if l.grad_axes and not l.param_axes:
+                return jnp.zeros(_local_shape(l, l.grad_axes, mesh), p.dtype)
+            return p
+
+        def on_use(c, p, l):
+            if l.param_axes:
+                node = Sharded(c, None, l.param_axes, l.dim - c.ndim, prec.reduce_dtype)
+            elif l.grad_axes:
+                node = Sharded(c, p, l.grad_axes, l.dim - c.ndim, prec.reduce_dtype)
+            else:
+                return c
+            return node if l.stacked else node.use()
+
+        def scaled_loss(carriers, b):
+            loss = jnp.asarray(loss_fn(_tree(on_use, carriers, params, layouts), b), jnp.float32)
             return loss * scale, loss
 
         def accumulate(acc, b):
-            (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(full, b)
-            g = _tree(
-                lambda g, l: _scatter(g.astype(prec.reduce_dtype), l.grad_axes, l.dim).astype(prec.accum_dtype),
-                g, layouts,
-            )
+            (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(_tree(carrier, params, layouts), b)
+            g = _tree(lambda g, l: _scatter(g.astype(prec.reduce_dtype), _after_use(l), l.dim), g, layouts)
+            g = jax.tree.map(lambda g: g.astype(prec.accum_dtype), g)
             return jax.tree.map(jnp.add, acc, g), loss
 
         zeros = _tree(
@@ -134,7 +143,7 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / (scale * ranks * micro_batches), grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         if max_grad_norm > 0:
             coef = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: g * coef, grads)
@@ -168,7 +177,7 @@ def make_train_step(
         out_shardings=(plan.state_shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
-    return TrainStep(jitted, ranks * micro_batches)
+    return TrainStep(jitted, plan, ranks * micro_batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,15 +185,26 @@ class TrainStep:
     """The compiled step: call it as `step(state, batch)`, or `lower(state, batch)` to inspect it."""
 
     jitted: Any
+    plan: ZeroPlan
     batch_multiple: int
 
     def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        _check_batch(batch, self.batch_multiple)
+        self._check(state, batch)
         return self.jitted(state, batch)
 
     def lower(self, state, batch):
-        _check_batch(batch, self.batch_multiple)
+        self._check(state, batch)
         return self.jitted.lower(state, batch)
+
+    def _check(self, state, batch) -> None:
+        check_params(state.params, self.plan, "train step")
+        _check_batch(batch, self.batch_multiple)
+
+
+def _after_use(layout: LeafLayout) -> tuple[str, ...]:
+    """Gradient axes still to scatter after the backward pass (hpZ: the axes beyond the param group)."""
+    done = layout.param_axes or layout.grad_axes
+    return tuple(a for a in layout.grad_axes if a not in done)
 
 
 def _manual_axes(mesh) -> set[str]:
