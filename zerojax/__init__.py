@@ -1,6 +1,7 @@
 """zerojax: DeepSpeed ZeRO for JAX — stages 0–3 as sharding rules over a device mesh."""
 
 from zerojax.gather import Sharded, gather_on_use
+from zerojax.offload import Offload
 from zerojax.mesh import DATA_AXES, FSDP, REPLICA, TENSOR, data_parallel_size, make_mesh
 from zerojax.plan import TrainState, ZeroPlan, init_state, make_plan
 from zerojax.precision import LossScale, LossScaleState, Precision
@@ -11,7 +12,7 @@ from zerojax.step import TrainStep, make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "DATA_AXES", "Sharded", "gather_on_use", "FSDP", "REPLICA", "TENSOR", "LeafLayout", "LossScale", "LossScaleState", "Precision",
+    "DATA_AXES", "Offload", "Sharded", "gather_on_use", "FSDP", "REPLICA", "TENSOR", "LeafLayout", "LossScale", "LossScaleState", "Precision",
     "TrainState", "TrainStep", "ZeroPlan", "ZeroRules", "data_parallel_size", "init_state", "make_mesh",
     "make_plan", "make_train_step", "MemoryReport", "memory_report", "zero_formula_bytes",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from zerojax.offload import Offload, leaf_bytes, offloaded_leaves
 from zerojax.precision import LossScaleState, Precision
 from zerojax.rules import ZeroRules
 
@@ -41,6 +43,7 @@ class ZeroPlan:
     opt_layouts: Any
     abstract_params: Any  # ShapeDtypeStructs of the compute copy
     scanned: tuple[tuple, ...] = ()  # path prefixes of stacked layers the model gathers itself
+    offload: Offload = Offload()
 
     @property
     def mesh(self):
@@ -62,15 +65,34 @@ class ZeroPlan:
     def opt_state_shardings(self) -> Any:
         return self._tree(self.opt_layouts, "opt")
 
+    @functools.cached_property
+    def host_optimizer_leaves(self) -> tuple[Any, Any]:
+        """(master, opt_state) trees of bools: the leaves kept in host memory between steps."""
+        master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.precision.master_dtype), self.abstract_params)
+        opt_state = jax.eval_shape(self.tx.init, master)
+        master = master if self.precision.mixed else None
+        both = (master, opt_state)
+        if self.offload.optimizer is None:
+            return jax.tree.map(lambda _: False, both)
+        leaves, treedef = jax.tree.flatten(both)
+        return treedef.unflatten(offloaded_leaves([leaf_bytes(x) for x in leaves], self.offload.ratio))
+
     @property
     def state_shardings(self) -> TrainState:
+        """Where each leaf of the state lives between steps, offloaded leaves in host memory."""
         replicated = NamedSharding(self.mesh, P())
         scaler = self.precision.loss_scale
+        host_master, host_opt = self.host_optimizer_leaves
+        to_host = lambda kind: lambda s, h: s.with_memory_kind(kind) if h else s
+        params = self.param_shardings
+        if self.offload.params is not None:
+            params = jax.tree.map(lambda s: s.with_memory_kind(self.offload.params), params)
         return TrainState(
             step=replicated,
-            params=self.param_shardings,
-            master=self.grad_shardings if self.precision.mixed else None,
-            opt_state=self.opt_state_shardings,
+            params=params,
+            master=jax.tree.map(to_host(self.offload.optimizer), self.grad_shardings, host_master)
+            if self.precision.mixed else None,
+            opt_state=jax.tree.map(to_host(self.offload.optimizer), self.opt_state_shardings, host_opt),
             loss_scale=None if scaler is None else LossScaleState(replicated, replicated, replicated),
             skipped=replicated,
         )
@@ -90,20 +112,28 @@ def make_plan(
     precision: Precision = Precision(),
     base_specs: Any = None,
     scanned: tuple = (),
+    offload: Offload | None = None,
 ) -> ZeroPlan:
     """Lays out a run: `params` (arrays or ShapeDtypeStructs) under `rules`, optimized by `tx`.
 
     `scanned` names the stacked-layer subtrees by path prefix (e.g. `("layers",)` or
     `(("model", "layers"),)`): their leading axis is the layer axis, and at stage 3 the model gathers
-    them one layer at a time with `zerojax.gather_on_use` inside its scan.
+    them one layer at a time with `zerojax.gather_on_use` inside its scan. `offload` keeps optimizer
+    state (and, at stage 3, parameter shards) in host memory between steps.
     """
+    offload = (offload or Offload()).resolved(rules.mesh.devices.flat[0])
+    if offload.params is not None and rules.stage != 3:
+        raise ValueError(
+            f"make_plan: parameter offload keeps stage-3 parameter shards in host memory, but stage="
+            f"{rules.stage}; use stage 3 or drop offload_param."
+        )
     scanned = tuple((p,) if isinstance(p, (str, int)) else tuple(p) for p in scanned)
     compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.compute_dtype), params)
     master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.master_dtype), params)
     layouts = rules.layouts(compute, base_specs, scanned)
     opt_state = jax.eval_shape(tx.init, master)
     opt_layouts = rules.opt_state_layouts(opt_state, master, layouts)
-    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, compute, scanned)
+    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, compute, scanned, offload)
 
 
 def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:

@@ -8,6 +8,7 @@ import math
 import jax
 import numpy as np
 
+from zerojax.offload import HOST_KINDS
 from zerojax.plan import ZeroPlan
 from zerojax.rules import is_layout
 
@@ -43,6 +44,7 @@ class MemoryReport:
     num_params: int
     rows: tuple[TensorRow, ...]
     opt_state_bytes: int  # every optimizer-state leaf (moments, counts), master excluded
+    host_bytes: int = 0  # of the held bytes, those in host memory (offload)
 
     @property
     def param_bytes(self) -> int:
@@ -61,6 +63,11 @@ class MemoryReport:
     def held_bytes(self) -> int:
         """Bytes held between steps: parameters, master weights and optimizer state."""
         return self.param_bytes + self.master_bytes + self.opt_state_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Held bytes in device memory: what offload leaves on the accelerator between steps."""
+        return self.held_bytes - self.host_bytes
 
     @property
     def model_state_bytes(self) -> int:
@@ -94,6 +101,7 @@ class MemoryReport:
             f"master weights  {gib(self.master_bytes)} per device",
             f"optimizer state {gib(self.opt_state_bytes)} per device",
             f"model states    {gib(self.model_state_bytes)} per device",
+            f"between steps   {gib(self.device_bytes)} in device memory, {gib(self.host_bytes)} in host memory",
             f"not sharded     {100 * self.unsharded_fraction:.2f}% of parameters",
         ]
         return "\n".join(lines)
@@ -126,14 +134,15 @@ def memory_report(plan: ZeroPlan) -> MemoryReport:
             grad_bytes=_shard_bytes(sharding(layout.grad_spec), leaf.shape, prec.accum_dtype),
             master_bytes=_shard_bytes(sharding(layout.opt_spec), leaf.shape, prec.master_dtype) if prec.mixed else 0,
         ))
-    opt_bytes = sum(
-        _shard_bytes(sh, x.shape, x.dtype)
-        for x, sh in zip(jax.tree.leaves(plan.abstract_state().opt_state), jax.tree.leaves(plan.opt_state_shardings))
-    )
+    state = plan.abstract_state()
+    opt_bytes = sum(_shard_bytes(x.sharding, x.shape, x.dtype) for x in jax.tree.leaves(state.opt_state))
+    held = jax.tree.leaves((state.params, state.master, state.opt_state))
+    host = sum(_shard_bytes(x.sharding, x.shape, x.dtype) for x in held if x.sharding.memory_kind in HOST_KINDS)
     return MemoryReport(
         stage=plan.rules.stage,
         ranks=plan.rules.data_size,
         num_params=sum(math.prod(x.shape) for _, x in flat),
         rows=tuple(rows),
         opt_state_bytes=opt_bytes,
+        host_bytes=host,
     )

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.gather import Sharded
 from zerojax.mesh import DATA_AXES, TENSOR
+from zerojax.offload import on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
 from zerojax.rules import LeafLayout, is_layout
 
@@ -137,9 +139,19 @@ def make_train_step(
         check_vma=False,
     )
 
+    shardings = plan.state_shardings
+    host_update = plan.offload.mode == "host" and plan.offload.optimizer is not None
+
+    def update(grads, opt_state, master, finite):
+        """The optimizer step on sharded state; a non-finite step leaves master and state unchanged."""
+        updates, new_opt_state = plan.tx.update(grads, opt_state, master)
+        new_master = optax.apply_updates(master, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        return keep(new_master, master), keep(new_opt_state, opt_state)
+
     def step(state: TrainState, batch):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.ones((), jnp.float32)
-        grads, loss = sharded_grads(state.params, batch, scale)
+        grads, loss = sharded_grads(on_device(state.params, shardings.params), batch, scale)
         grads = jax.tree.map(lambda g: g / (scale * ranks * micro_batches), grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), grads)
@@ -148,14 +160,26 @@ def make_train_step(
             coef = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: g * coef, grads)
 
-        master = state.master if prec.mixed else state.params
-        updates, opt_state = plan.tx.update(grads, state.opt_state, master)
-        new_master = optax.apply_updates(master, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_master, opt_state = keep(new_master, master), keep(opt_state, state.opt_state)
+        master, master_shardings = (state.master, shardings.master) if prec.mixed else (state.params, shardings.params)
+        if host_update:  # DeepSpeed's CPU optimizer: the update runs where the state lives
+            host = NamedSharding(mesh, P(), memory_kind=plan.offload.optimizer)
+            args = (
+                to_memory(grads, plan.grad_shardings, plan.offload.optimizer),
+                state.opt_state,
+                to_memory(master, master_shardings, plan.offload.optimizer),
+                jax.device_put(finite, host),
+            )
+            with compute_on("device_host"):
+                new_master, opt_state = update(*args)
+        else:
+            new_master, opt_state = update(
+                grads, on_device(state.opt_state, shardings.opt_state), on_device(master, master_shardings), finite
+            )
         params = jax.tree.map(
             lambda m, s: lax.with_sharding_constraint(m.astype(prec.compute_dtype), s),
-            new_master, plan.param_shardings,
+            on_device(new_master, jax.tree.map(lambda s: s.with_memory_kind(plan.offload.optimizer or "device"),
+                                               master_shardings)) if host_update else new_master,
+            plan.param_shardings,
         )
         loss_scale = state.loss_scale
         if prec.loss_scale is not None:
@@ -173,8 +197,8 @@ def make_train_step(
 
     jitted = jax.jit(
         step,
-        in_shardings=(plan.state_shardings, batch_sharding),
-        out_shardings=(plan.state_shardings, NamedSharding(mesh, P())),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
     return TrainStep(jitted, plan, ranks * micro_batches)

@@ -1,0 +1,88 @@
+"""Host offload through memory kinds: same losses, state in host memory between steps, clear errors."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import zerojax as zj
+from tests import tiny_transformer as tiny
+
+STEPS = 10
+
+
+def train(stage, offload=None):
+    params = tiny.init_params()
+    plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(),
+                        offload=offload)
+    state = zj.init_state(params, plan)
+    step = zj.make_train_step(tiny.loss_fn, plan, micro_batches=2, max_grad_norm=1.0)
+    losses = []
+    for batch in tiny.batches(STEPS, 16):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), state, plan
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {stage: train(stage)[0] for stage in (1, 2, 3)}
+
+
+CASES = [
+    (1, zj.Offload("pinned_host")), (2, zj.Offload("pinned_host", mode="host")),
+    (3, zj.Offload("pinned_host")), (3, zj.Offload("pinned_host", mode="host")),
+    (3, zj.Offload("unpinned_host", ratio=0.5)), (3, zj.Offload("pinned_host", params="pinned_host")),
+]
+
+
+@pytest.mark.parametrize("stage,offload", CASES, ids=[f"stage{s}-{o.mode}-{o.ratio}-{o.params}" for s, o in CASES])
+def test_offloaded_training_matches_and_state_lives_in_host_memory(references, stage, offload):
+    losses, state, plan = train(stage, offload)
+    np.testing.assert_allclose(losses, references[stage], rtol=1e-6)
+    kinds = [x.sharding.memory_kind for x in jax.tree.leaves((state.master, state.opt_state))]
+    if offload.ratio == 1.0:
+        assert set(kinds) == {offload.optimizer}
+    else:
+        assert set(kinds) == {offload.optimizer, "device"}
+    param_kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.params)}
+    assert param_kinds == {offload.params or "device"}
+    report = zj.memory_report(plan)
+    assert 0 < report.host_bytes <= report.held_bytes
+    if offload.ratio < 1:
+        moved = report.host_bytes / (report.master_bytes + report.opt_state_bytes)
+        assert 0.5 <= moved < 0.75, moved
+    assert "in host memory" in str(report)
+
+
+def test_bad_offload():
+    mesh = zj.make_mesh()
+    params = tiny.init_params()
+    with pytest.raises(ValueError, match="stage=2"):
+        zj.make_plan(params, optax.adam(1e-3), zj.ZeroRules(mesh, stage=2), offload=zj.Offload(params="pinned_host"))
+    with pytest.raises(ValueError, match="'nvme'.*NVMe offload is not supported"):
+        zj.Offload("nvme")
+    for ratio in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"ratio={ratio}"):
+            zj.Offload("pinned_host", ratio=ratio)
+    with pytest.raises(ValueError, match="mode='streamed'"):
+        zj.Offload("pinned_host", ratio=0.5, mode="host")
+
+
+def test_missing_pinned_host_falls_back_with_one_warning():
+    @dataclasses.dataclass
+    class Memory:
+        kind: str
+
+    class Device:
+        platform = "fake"
+
+        def addressable_memories(self):
+            return [Memory("device"), Memory("unpinned_host")]
+
+    with pytest.warns(UserWarning, match="no 'pinned_host' memory; using 'unpinned_host'") as record:
+        resolved = zj.Offload("pinned_host", params="unpinned_host").resolved(Device())
+    assert len(record) == 1
+    assert resolved.optimizer == "unpinned_host"
