@@ -95,17 +95,9 @@ def make_train_step(
                 return jnp.zeros(_local_shape(l, l.grad_axes, mesh), p.dtype)
             return p
 
-        def on_use(c, p, l):
-            if l.param_axes:
-                node = Sharded(c, None, l.param_axes, l.dim - c.ndim, prec.reduce_dtype)
-            elif l.grad_axes:
-                node = Sharded(c, p, l.grad_axes, l.dim - c.ndim, prec.reduce_dtype)
-            else:
-                return c
-            return node if l.stacked else node.use()
-
         def scaled_loss(carriers, b):
-            loss = jnp.asarray(loss_fn(_tree(on_use, carriers, params, layouts), b), jnp.float32)
+            used = _tree(lambda c, p, l: _in_use(c, p, l, prec.reduce_dtype), carriers, params, layouts)
+            loss = jnp.asarray(loss_fn(used, b), jnp.float32)
             return loss * scale, loss
 
         def accumulate(acc, b):
@@ -223,6 +215,44 @@ class TrainStep:
     def _check(self, state, batch) -> None:
         check_params(state.params, self.plan, "train step")
         _check_batch(batch, self.batch_multiple)
+
+
+def _in_use(carrier, param, layout: LeafLayout, reduce_dtype):
+    """The parameter as the model sees it: whole (gathered on use), or `Sharded` for a stacked layer."""
+    if layout.param_axes:
+        node = Sharded(carrier, None, layout.param_axes, layout.dim - carrier.ndim, reduce_dtype)
+    elif layout.grad_axes:
+        node = Sharded(carrier, param, layout.grad_axes, layout.dim - carrier.ndim, reduce_dtype)
+    else:
+        return carrier
+    return node if layout.stacked else node.use()
+
+
+def make_eval_step(loss_fn: LossFn, plan: ZeroPlan) -> Callable[[Any, Any], jax.Array]:
+    """A jitted `eval_step(params, batch) -> mean loss` over the global batch, with the step's gathers."""
+    layouts, mesh, axes = plan.param_layouts, plan.mesh, plan.rules.data_axes
+
+    def local_loss(params, batch):
+        used = _tree(lambda p, l: _in_use(p, None, l, None) if l.param_axes else p, params, layouts)
+        return _psum(jnp.asarray(loss_fn(used, batch), jnp.float32), axes) / plan.rules.data_size
+
+    sharded = jax.shard_map(
+        local_loss, mesh=mesh,
+        in_specs=(_tree(lambda l: _manual(l, l.param_axes), layouts), P(DATA_AXES)), out_specs=P(),
+        axis_names=_manual_axes(mesh), check_vma=False,
+    )
+    params_in = plan.state_shardings.params
+    jitted = jax.jit(
+        lambda params, batch: sharded(on_device(params, params_in), batch),
+        in_shardings=(params_in, NamedSharding(mesh, P(DATA_AXES))),
+    )
+
+    def eval_step(params, batch):
+        check_params(params, plan, "eval step")
+        _check_batch(batch, plan.rules.data_size)
+        return jitted(params, batch)
+
+    return eval_step
 
 
 def _after_use(layout: LeafLayout) -> tuple[str, ...]:
