@@ -21,7 +21,7 @@ def dtype_of(name) -> jnp.dtype:
 
 
 class LossScaleState(NamedTuple):
-    """The dynamic loss scaler's state: the scale, clean steps since the last change, hysteresis left."""
+    """The dynamic loss scaler's state: the scale, clean steps since the last overflow, hysteresis left."""
 
     scale: jnp.ndarray
     good_steps: jnp.ndarray
@@ -30,10 +30,13 @@ class LossScaleState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class LossScale:
-    """DeepSpeed's fp16 loss scaler. `static` set: a fixed scale. Otherwise dynamic: start at
-    2**initial_scale_power; an overflow skips the step and, once the hysteresis counter is down to 1,
-    halves the scale (not below `min_scale`); `window` clean steps in a row double it and reset the
-    counter (with `consecutive_hysteresis` every clean step resets the counter)."""
+    """DeepSpeed's fp16 loss scaler (v0.19.6 `DynamicLossScaler`). `static` set: a fixed scale.
+    Otherwise dynamic: start at 2**initial_scale_power; an overflow skips the step and, once the
+    hysteresis counter is down to 1, halves the scale (not below `min_scale`), else decrements the
+    counter. A clean step preceded by a positive multiple of `window` clean steps since the last
+    overflow doubles the scale and refills the counter (so the first doubling comes on the
+    `window + 1`-th clean step, then every `window`); with `consecutive_hysteresis` every clean step
+    refills it. Where DeepSpeed aborts on an overflow at `min_scale`, zerojax keeps skipping the step."""
 
     initial_scale_power: int = 16
     window: int = 1000
@@ -58,12 +61,12 @@ class LossScale:
             jnp.zeros_like(state.good_steps),
             jnp.where(shrink, state.hysteresis, state.hysteresis - 1),
         )
-        good = state.good_steps + 1
-        grow = good % self.window == 0
+        stable = state.good_steps  # clean steps between the last overflow and this step
+        grow = (stable > 0) & (stable % self.window == 0)
         reset = jnp.asarray(self.hysteresis, jnp.int32)
         on_clean = LossScaleState(
             jnp.where(grow, state.scale * 2, state.scale),
-            jnp.where(grow, 0, good),
+            stable + 1,
             jnp.where(grow | self.consecutive_hysteresis, reset, state.hysteresis),
         )
         return LossScaleState(*(jnp.where(finite, c, o) for c, o in zip(on_clean, on_overflow)))
