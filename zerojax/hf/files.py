@@ -1,0 +1,113 @@
+"""The Hugging Face folder format: which safetensors file holds which tensor, and a streaming writer.
+
+The `safetensors` package writes a file from a dict of complete in-memory tensors; to keep host memory
+bounded by one tensor, `ShardWriter` writes the (documented, stable) safetensors layout itself: an
+8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte range,
+then the tensors' bytes in that order. Files it writes are read back with `safetensors.safe_open`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+CHUNK_BYTES = 64 * 2**20  # the most `ShardWriter.write` copies at once
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def size_bytes(size: int | str) -> int:
+    """`max_shard_size` as bytes: an int, or a string such as '5GB' (10**9) or '2GiB' (2**30)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(
+            f"max_shard_size={size!r} is not a size; pass a positive number of bytes or a string such as "
+            "'5GB', '500MB' or '2GiB'."
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def shard_names(count: int) -> list[str]:
+    """Hugging Face's file names for `count` shards."""
+    if count == 1:
+        return [SINGLE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def weight_map(hf_dir: Path) -> dict[str, str]:
+    """`{tensor name: file name}` of a Hugging Face folder (sharded with an index, or one file)."""
+    index = hf_dir / INDEX
+    if index.exists():
+        data = json.loads(index.read_text())
+        if "weight_map" not in data:
+            raise ValueError(f"{index}: no 'weight_map'; it is not a safetensors index file.")
+        return dict(data["weight_map"])
+    single = hf_dir / SINGLE
+    if not single.exists():
+        raise FileNotFoundError(
+            f"{hf_dir}: neither {INDEX} nor {SINGLE} exists; point hf_dir at a Hugging Face model folder "
+            "saved with safetensors (save_pretrained(..., safe_serialization=True))."
+        )
+    from safetensors import safe_open
+
+    with safe_open(single, framework="numpy") as f:
+        return {name: SINGLE for name in f.keys()}
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor: the header up front, then each tensor's bytes.
+
+    `tensors` is the file's content in order: `(name, shape, dtype)`; `write(name, array)` must then
+    be called for each of them in that order.
+    """
+
+    def __init__(self, f: BinaryIO, tensors: list[tuple[str, tuple, np.dtype]], metadata: dict[str, str]):
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        self._expected = []
+        for name, shape, dtype in tensors:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, tuple(shape), np.dtype(dtype)))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        self._f, self._next = f, 0
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Writes the next tensor from `array` (any layout, e.g. a transposed view, any float dtype),
+        cast to the declared dtype and made contiguous a block of rows at a time, so at most
+        `CHUNK_BYTES` are copied at once."""
+        exp_name, shape, dtype = self._expected[self._next]
+        if (name, tuple(array.shape)) != (exp_name, shape):
+            raise ValueError(f"ShardWriter: got {name!r} {tuple(array.shape)}, expected {exp_name!r} {shape} next.")
+        if array.ndim == 0:
+            array = array.reshape(1)
+        row_bytes = max(1, math.prod(array.shape[1:]) * dtype.itemsize)
+        rows = max(1, CHUNK_BYTES // row_bytes)
+        for start in range(0, array.shape[0], rows):
+            block = np.ascontiguousarray(array[start : start + rows], dtype=dtype)
+            self._f.write(block.reshape(-1).view(np.uint8).data)
+        self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._expected)

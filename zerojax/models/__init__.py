@@ -1,0 +1,142 @@
+"""Flax NNX causal LMs with Hugging Face layouts, built from a Hugging Face `config.json` dict.
+
+    model = from_hf_config(config, dtype="fp32", seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss_fn = causal_lm_loss(graphdef)          # what zerojax.make_train_step takes
+
+The model code is single-device: the ZeRO train step runs `loss_fn` per device on the local batch
+with gathered parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from zerojax.hf.mapping import TensorMap
+from zerojax.models import gpt2, llama
+from zerojax.precision import dtype_of
+
+# model_type -> (config class, model class, Hugging Face tensor map)
+ARCHS: dict[str, tuple[type, type, TensorMap]] = {
+    "llama": (llama.LlamaConfig, llama.Llama, llama.hf_tensors),
+    "mistral": (llama.LlamaConfig, llama.Llama, llama.hf_tensors),
+    "qwen2": (llama.LlamaConfig, llama.Llama, llama.hf_tensors),
+    "gpt2": (gpt2.GPT2Config, gpt2.GPT2, gpt2.hf_tensors),
+}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "gpt2",
+}
+
+
+def model_type(config: dict) -> str:
+    """The supported `model_type` of a Hugging Face config, from `model_type` or else `architectures`."""
+    mt = config.get("model_type")
+    if mt is not None:
+        if mt not in ARCHS:
+            raise ValueError(
+                f"config: model_type={mt!r} is unsupported; zerojax supports model_type in {sorted(ARCHS)}."
+            )
+        return mt
+    archs = config.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    raise ValueError(
+        f"config: architectures={archs!r} (and no model_type) is unsupported; zerojax supports "
+        f"architectures in {sorted(ARCHITECTURES)} (model_type in {sorted(ARCHS)})."
+    )
+
+
+def from_hf_config(
+    config: dict,
+    *,
+    dtype="fp32",
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+    scan_layers: bool = True,
+    remat: str | None = None,
+) -> nnx.Module:
+    """A randomly initialised model for a Hugging Face config dict (`rngs`, else `nnx.Rngs(seed)`).
+
+    `remat`: None (no rematerialisation), `'full'` or a `jax.checkpoint_policies` name, per layer.
+    """
+    config_cls, model_cls, _ = ARCHS[model_type(config)]
+    return model_cls(
+        config_cls.from_hf(config), dtype=dtype_of(dtype), rngs=rngs or nnx.Rngs(seed),
+        scan_layers=scan_layers, remat=remat,
+    )
+
+
+def abstract_model(config: dict, *, dtype="fp32", scan_layers: bool = True, remat: str | None = None):
+    """`(graphdef, params)` with `jax.ShapeDtypeStruct` leaves: the model's structure, nothing allocated."""
+    model = nnx.eval_shape(lambda: from_hf_config(config, dtype=dtype, scan_layers=scan_layers, remat=remat))
+    return nnx.split(model, nnx.Param)
+
+
+def tensor_map(config: dict) -> TensorMap:
+    """The Hugging Face tensor map of the config's architecture (see `zerojax.hf.mapping`)."""
+    return ARCHS[model_type(config)][2]
+
+
+def stacked_layers(config: dict) -> tuple[str, ...]:
+    """Path prefixes of the model's stacked-layer subtrees (`make_plan(..., scanned=...)`)."""
+    return ("h",) if model_type(config) == "gpt2" else ("layers",)
+
+
+def logits(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """The model's fp32 logits (B, T, vocab) for `input_ids` (B, T) with `params` (an `nnx.Param` state)."""
+    return nnx.merge(graphdef, params)(input_ids, attention_mask).astype(jnp.float32)
+
+
+def causal_lm_loss(graphdef: nnx.GraphDef) -> Callable[[Any, dict], jax.Array]:
+    """`loss_fn(params, batch)`: mean next-token cross-entropy of `batch["input_ids"]` (B, T).
+
+    With `batch["attention_mask"]` (1 = token, 0 = padding) padding keys are masked and only targets
+    that are real tokens count, as Hugging Face does with `labels=-100` on padding.
+    """
+
+    def loss_fn(params, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        out = logits(graphdef, params, ids, mask)[:, :-1]
+        losses = optax.softmax_cross_entropy_with_integer_labels(out, ids[:, 1:])
+        if mask is None:
+            return jnp.mean(losses)
+        weight = mask[:, 1:].astype(jnp.float32)
+        return jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+    return loss_fn
+
+
+def generate(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, max_new_tokens: int) -> jax.Array:
+    """Greedy decoding: `input_ids` (B, T) followed by `max_new_tokens` argmax tokens, (B, T + new).
+
+    Each step reruns the full causal forward pass on a fixed-length buffer (no KV cache): meant for
+    tests and small demos, not for serving.
+    """
+    b, t = input_ids.shape
+    total = t + max_new_tokens
+    buf = jnp.zeros((b, total), jnp.int32).at[:, :t].set(input_ids.astype(jnp.int32))
+
+    @jax.jit
+    def run(params, buf):
+        def step(i, buf):
+            nxt = jnp.argmax(logits(graphdef, params, buf)[:, i - 1], axis=-1).astype(jnp.int32)
+            return buf.at[:, i].set(nxt)
+
+        return jax.lax.fori_loop(t, total, step, buf)
+
+    return run(params, buf)
+
+
+__all__ = [
+    "ARCHITECTURES", "ARCHS", "abstract_model", "causal_lm_loss", "from_hf_config", "generate", "gpt2",
+    "llama", "logits", "model_type", "stacked_layers", "tensor_map",
+]
