@@ -1,0 +1,49 @@
+"""`zerojax export CKPT_DIR OUT_DIR`: a checkpoint step as a Hugging Face folder, on CPU, tensor by tensor.
+
+DeepSpeed's `zero_to_fp32.py`, going straight to Hugging Face format: the step's fp32 master weights
+(or its parameters when there is no master) are read one tensor at a time with orbax partial restore,
+so memory is bounded by the largest tensor; no mesh and no accelerator are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zerojax.hf import EXPORT_DTYPES
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a checkpoint step as a Hugging Face folder (config.json + safetensors)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("ckpt_dir", help="checkpoint folder written by zerojax.checkpoint.CheckpointManager")
+    p.add_argument("out_dir", help="Hugging Face folder to write (must be new or empty unless --overwrite)")
+    p.add_argument("--step", default="latest", help="step number, 'latest' (default) or 'best'")
+    p.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES), help="dtype of every tensor")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR once the export is complete")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exports; a user's mistake (folder, step, model mismatch, existing output) is one line on stderr, exit 2."""
+    import jax
+    from absl import logging as absl_logging
+
+    jax.config.update("jax_platforms", "cpu")  # host-only: never claim an accelerator
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    from zerojax.checkpoint import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.ckpt_dir, args.out_dir, step=args.step, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=args.progress)
+    except (ValueError, KeyError, FileExistsError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"zerojax export: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
