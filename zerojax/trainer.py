@@ -1,0 +1,222 @@
+"""A Hugging Face-style Trainer for Flax NNX causal language models, configured by a DeepSpeed config.
+
+    trainer = Trainer(model, TrainingArguments(output_dir="out", deepspeed="ds_config.json", ...),
+                      train_dataset=train_windows, eval_dataset=eval_windows, hf_config=config)
+    trainer.train()            # checkpoints every save_steps, evaluation every eval_steps
+    trainer.evaluate()         # {"eval_loss": ...}
+    trainer.save_model("out/hf")
+
+The config decides the mesh, the ZeRO stage, precision, offload, optimizer and schedule; the
+TrainingArguments fill its "auto" values (a disagreement is an error). Datasets follow the batch
+contract of `zerojax.data` (numpy `(N, T)` token ids, or a dict of such arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from zerojax.args import TrainingArguments
+from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
+from zerojax.config import load_config
+from zerojax.data import Batches
+from zerojax.mesh import make_mesh
+from zerojax.models import causal_lm_loss, stacked_layers
+from zerojax.plan import TrainState, init_state, make_plan
+from zerojax.step import make_eval_step, make_train_step
+
+DEFAULT_CONFIG = {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": "auto",
+                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+NO_DECAY = ("bias", "scale", "norm", "ln_")
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay for every parameter but biases and normalisation scales (as Transformers does)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(tag in jax.tree_util.keystr(path).lower() for tag in NO_DECAY), params
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutput:
+    global_step: int
+    training_loss: float
+    metrics: dict
+    interrupted: bool = False
+
+
+class _StopOnSignal:
+    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """Trains a Flax NNX model with ZeRO as its DeepSpeed config says (see the module docstring).
+
+    `model`: an `nnx.Module` (its `nnx.Param` state is trained); `hf_config`: the model's Hugging Face
+    config dict (for "auto" bucket sizes and `save_model`); `loss_fn(params, batch)`: defaults to
+    next-token cross-entropy; `scanned`: path prefixes of stacked layers gathered one at a time
+    (default: the bundled models' stacked layers when `hf_config` is given, else none);
+    `max_consecutive_skips`: steps in a row skipped for non-finite gradients before training stops with
+    an error instead of silently diverging.
+    """
+
+    def __init__(self, model: nnx.Module, args: TrainingArguments, train_dataset: Any, eval_dataset: Any = None,
+                 *, hf_config: dict | None = None, loss_fn: Callable | None = None,
+                 devices: list | None = None, scanned: tuple | None = None, max_consecutive_skips: int = 20):
+        devices = list(devices or jax.devices())
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.hf_config = hf_config
+        size = len(next(iter(train_dataset.values()))) if isinstance(train_dataset, dict) else len(train_dataset)
+        self.args = dataclasses.replace(args, train_dataset_size=size)
+        config = self.args.deepspeed if self.args.deepspeed is not None else DEFAULT_CONFIG
+        self.config = load_config(config, training_args=self.args, model_config=hf_config, world_size=len(devices))
+        self.mesh = make_mesh(devices=devices, **self.config.mesh_shape(len(devices)))
+        self.total_steps = self.args.total_steps(len(devices))
+        tx = self.config.optimizer(total_steps=self.total_steps, weight_decay_mask=decay_mask(params))
+        if scanned is None:
+            scanned = stacked_layers(hf_config) if hf_config is not None else ()
+        self.plan = make_plan(params, tx, self.config.zero_rules(self.mesh), self.config.precision(),
+                              scanned=scanned, offload=self.config.offload())
+        self.loss_fn = loss_fn or causal_lm_loss(self.graphdef)
+        self.train_step = make_train_step(self.loss_fn, self.plan,
+                                          micro_batches=self.config.gradient_accumulation_steps,
+                                          max_grad_norm=self.config.gradient_clipping)
+        self.eval_step = make_eval_step(self.loss_fn, self.plan)
+        self.state: TrainState = init_state(params, self.plan)
+        self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
+        self.eval_batches = None
+        if eval_dataset is not None:
+            ranks = self.plan.rules.data_size
+            size = len(next(iter(eval_dataset.values()))) if isinstance(eval_dataset, dict) else len(eval_dataset)
+            per_eval = min(self.args.per_device_eval_batch_size * ranks, size // ranks * ranks)
+            self.eval_batches = Batches(eval_dataset, per_eval, shuffle=False)
+        self.max_consecutive_skips = max_consecutive_skips
+        self.output_dir = Path(self.args.output_dir) if self.args.output_dir else None
+        self.history: list[dict] = []
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """`{"eval_loss": mean loss over the whole eval set}` (full batches only)."""
+        if self.eval_batches is None:
+            raise ValueError("Trainer.evaluate: no eval_dataset was given to the Trainer.")
+        losses = [float(self.eval_step(self.state.params, self.eval_batches.global_batch(i, self.mesh)))
+                  for i in range(self.eval_batches.steps_per_epoch)]
+        return {"eval_loss": float(np.mean(losses))}
+
+    # --- training -------------------------------------------------------------------------------
+    def _checkpoints(self) -> CheckpointManager | None:
+        if self.output_dir is None:
+            return None
+        return CheckpointManager(self.output_dir / "checkpoints", CheckpointOptions(
+            save_total_limit=self.args.save_total_limit, metric_for_best_model=self.args.metric_for_best_model,
+            greater_is_better=self.args.greater_is_better, load_best_model_at_end=self.args.load_best_model_at_end,
+            save_only_model=self.args.save_only_model,
+        ))
+
+    def _save(self, manager, metrics: dict | None) -> None:
+        manager.save(self.state, data_position=int(self.state.step), config=self.config.to_dict(),
+                     hf_config=self.hf_config, metrics=metrics)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.output_dir is not None and jax.process_index() == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train(self, resume_from_checkpoint: bool | int | str | None = None) -> TrainOutput:
+        """Runs to `total_steps`; `resume_from_checkpoint` True/"latest"/a step resumes from output_dir.
+
+        SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns with
+        `interrupted=True`.
+        """
+        manager = self._checkpoints()
+        if resume_from_checkpoint not in (None, False):
+            if manager is None:
+                raise ValueError("Trainer.train: resume_from_checkpoint needs TrainingArguments.output_dir.")
+            step = "latest" if resume_from_checkpoint is True else resume_from_checkpoint
+            self.state = manager.restore(self.plan, step).state
+        args, total = self.args, self.total_steps
+        every = lambda n, s: bool(n) and n > 0 and (s + 1) % int(n) == 0
+        tokens = self.config.train_batch_size * int(np.prod(np.shape(self.train_batches.batch(0)[self.train_batches.key])[1:]))
+        start, metrics, loss, interrupted = int(self.state.step), {}, float("nan"), False
+        bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, desc="train", dynamic_ncols=True)
+        tick, last, skips_in_a_row = time.perf_counter(), start, 0
+        with _StopOnSignal() as stop:
+            for s in range(start, total):
+                self.state, out = self.train_step(self.state, self.train_batches.global_batch(s, self.mesh))
+                skips_in_a_row = skips_in_a_row + 1 if bool(out["skipped"]) else 0
+                if skips_in_a_row >= self.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"Trainer: {skips_in_a_row} steps in a row (up to step {s + 1}) had non-finite "
+                        f"gradients and were skipped (loss scale {float(out['loss_scale'])}); lower the "
+                        "learning rate, check the data, or resume from an earlier checkpoint."
+                    )
+                if every(args.logging_steps, s) or s + 1 == total or s == start:
+                    loss = float(out["loss"])
+                    elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                    rate = tokens * (s + 1 - last) / max(elapsed, 1e-9)
+                    record = {"step": s + 1, "loss": loss, "grad_norm": float(out["grad_norm"]),
+                              "skipped": int(self.state.skipped), "tokens_per_s": round(rate, 1)}
+                    last = s + 1
+                    memory = device_memory()
+                    if memory is not None:
+                        record["device_memory_gib"] = memory
+                    self._log(record)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if self.eval_batches is not None and (every(args.eval_steps, s) or s + 1 == total):
+                    metrics = self.evaluate()
+                    self._log({"step": s + 1, **metrics})
+                if manager is not None and (every(args.save_steps, s) or s + 1 == total or stop.requested):
+                    self._save(manager, metrics if manager.options.metric_for_best_model else None)
+                bar.update(1)
+                if stop.requested:
+                    interrupted = True
+                    break
+        bar.close()
+        if manager is not None:
+            manager.wait()
+            if args.load_best_model_at_end and not interrupted:
+                self.state = manager.load_best_model(self.state)
+            manager.close()
+        return TrainOutput(int(self.state.step), loss, metrics, interrupted)
+
+    def save_model(self, out_dir: str | os.PathLike | None = None, *, dtype: str | None = None,
+                   overwrite: bool = True) -> Path:
+        """Writes the model as a Hugging Face folder (default `output_dir/hf`), 16-bit when training was."""
+        if self.hf_config is None:
+            raise ValueError("Trainer.save_model: pass hf_config to the Trainer to export a Hugging Face folder.")
+        out = Path(out_dir) if out_dir is not None else (self.output_dir or Path(".")) / "hf"
+        dtype = dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(self.plan.precision.compute_dtype.name, "fp32")
+        save_model(self.state, self.hf_config, out, dtype=dtype, overwrite=overwrite)
+        return out
+
+
+def device_memory() -> float | None:
+    """GiB in use on the first local device, where the platform reports it (GPUs and TPUs do)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats or "bytes_in_use" not in stats else round(stats["bytes_in_use"] / 2**30, 3)
