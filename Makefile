@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/train_llama.py --output-dir runs/demo
+	$(BIN)/python examples/train_llama.py --output-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

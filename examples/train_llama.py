@@ -3,6 +3,7 @@
     python examples/train_llama.py                              # ZeRO-3, 8 simulated devices on CPU
     python examples/train_llama.py --deepspeed my_ds_config.json
     python examples/train_llama.py --init-from HF_DIR --max-steps 0   # import, then export unchanged
+    python examples/train_llama.py --resume                     # continue the run in --output-dir
 
 Without an accelerator, 8 CPU devices are simulated (XLA_FLAGS, set before JAX starts). At the end the
 model is written to OUTPUT_DIR/hf; when PyTorch `transformers` is installed the folder is loaded
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,11 +53,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="per device (train_micro_batch_size_per_gpu)")
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="delete a non-empty --output-dir first")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    out_dir = Path(opts.output_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not opts.resume:
+        if not opts.overwrite:
+            print(f"train_llama: --output-dir {out_dir} is not empty; pass --resume to continue its run or "
+                  "--overwrite to start afresh.", file=sys.stderr)
+            return 2
+        shutil.rmtree(out_dir)
     hf_config = read_config(opts.init_from) if opts.init_from else DEMO_CONFIG
     train, evaluation = text_dataset(opts.corpus, opts.seq_len + 1, stride=opts.seq_len // 4)
     args = TrainingArguments(
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
                       "steps": int(trainer.state.step), "interrupted": bool(result and result.interrupted)}))
     if result is not None and result.interrupted:
         return 0
-    out = trainer.save_model(Path(opts.output_dir) / "hf", dtype="fp32")
+    out = trainer.save_model(out_dir / "hf", dtype="fp32", overwrite=opts.resume)
     print(f"zerojax: exported a Hugging Face folder to {out}")
     prompt = "We hold these truths"
     tok = ByteTokenizer()

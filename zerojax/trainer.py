@@ -206,8 +206,9 @@ class Trainer:
         return TrainOutput(int(self.state.step), loss, metrics, interrupted)
 
     def save_model(self, out_dir: str | os.PathLike | None = None, *, dtype: str | None = None,
-                   overwrite: bool = True) -> Path:
-        """Writes the model as a Hugging Face folder (default `output_dir/hf`), 16-bit when training was."""
+                   overwrite: bool = False) -> Path:
+        """Writes the model as a Hugging Face folder (default `output_dir/hf`), 16-bit when training was;
+        an existing non-empty folder is replaced only with `overwrite`."""
         if self.hf_config is None:
             raise ValueError("Trainer.save_model: pass hf_config to the Trainer to export a Hugging Face folder.")
         out = Path(out_dir) if out_dir is not None else (self.output_dir or Path(".")) / "hf"
