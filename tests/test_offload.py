@@ -86,3 +86,33 @@ def test_missing_pinned_host_falls_back_with_one_warning():
         resolved = zj.Offload("pinned_host", params="unpinned_host").resolved(Device())
     assert len(record) == 1
     assert resolved.optimizer == "unpinned_host"
+
+
+def test_offloaded_state_saves_restores_into_its_memory_kinds_without_recompiling(tmp_path):
+    from zerojax.checkpoint import CheckpointManager
+
+    params = tiny.init_params()
+    offload = zj.Offload("pinned_host", params="pinned_host")
+    plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
+                        offload=offload)
+    step = zj.make_train_step(tiny.loss_fn, plan)
+    data = tiny.batches(6, 16)
+    state = zj.init_state(params, plan)
+    with CheckpointManager(tmp_path) as manager:
+        for batch in data[:3]:
+            state, _ = step(state, batch)
+        manager.save(state)
+        manager.wait()
+        uninterrupted = []
+        for batch in data[3:]:
+            state, metrics = step(state, batch)
+            uninterrupted.append(float(metrics["loss"]))
+        restored = manager.restore(plan).state
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves((restored.params, restored.master, restored.opt_state))}
+    assert kinds == {"pinned_host"}
+    resumed = []
+    for batch in data[3:]:
+        restored, metrics = step(restored, batch)
+        resumed.append(float(metrics["loss"]))
+    assert resumed == uninterrupted
+    assert step.jitted._cache_size() == 1, "a restored state must hit the compiled step, not recompile it"
