@@ -26,7 +26,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.experimental.multihost_utils import process_allgather  # noqa: E402
 
+from zerojax import distributed  # noqa: E402
 from zerojax.args import TrainingArguments  # noqa: E402
 from zerojax.data import ByteTokenizer, text_dataset  # noqa: E402
 from zerojax.hf import load_pretrained, read_config  # noqa: E402
@@ -59,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    distributed.initialize()
     out_dir = Path(opts.output_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not opts.resume:
         if not opts.overwrite:
@@ -81,21 +84,24 @@ def main(argv=None) -> int:
         params = load_pretrained(opts.init_from, trainer.plan.param_shardings, dtype="fp32")
         trainer.state = trainer.state._replace(params=params) if trainer.state.master is None else \
             trainer.state._replace(params=params, master=jax.tree.map(lambda x: x.astype(np.float32), params))
-    print(f"zerojax: {sum(x.size for x in jax.tree.leaves(trainer.state.params)):,} parameters, ZeRO stage "
-          f"{trainer.config.stage} on {trainer.plan.rules.data_size} devices ({jax.devices()[0].platform})")
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    say(f"zerojax: {sum(x.size for x in jax.tree.leaves(trainer.state.params)):,} parameters, ZeRO stage "
+        f"{trainer.config.stage} on {trainer.plan.rules.data_size} devices ({jax.devices()[0].platform}, "
+        f"{jax.process_count()} process(es))")
     initial = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=True if opts.resume else None) if opts.max_steps else None
     final = trainer.evaluate()["eval_loss"]
-    print(json.dumps({"initial_eval_loss": round(initial, 4), "final_eval_loss": round(final, 4),
-                      "steps": int(trainer.state.step), "interrupted": bool(result and result.interrupted)}))
+    say(json.dumps({"initial_eval_loss": round(initial, 4), "final_eval_loss": round(final, 4),
+                    "steps": int(trainer.state.step), "interrupted": bool(result and result.interrupted)}))
     if result is not None and result.interrupted:
         return 0
     out = trainer.save_model(out_dir / "hf", dtype="fp32", overwrite=opts.resume)
-    print(f"zerojax: exported a Hugging Face folder to {out}")
+    say(f"zerojax: exported a Hugging Face folder to {out}")
     prompt = "We hold these truths"
     tok = ByteTokenizer()
-    sample = generate(trainer.graphdef, jax.device_get(trainer.state.params), tok.encode(prompt)[None], 40)
-    print(f"zerojax sample: {tok.decode(sample[0])!r}")
+    params = process_allgather(trainer.state.params, tiled=True)  # whole on every process (small model)
+    sample = generate(trainer.graphdef, params, tok.encode(prompt)[None], 40)
+    say(f"zerojax sample: {tok.decode(sample[0])!r}")
     if jax.process_index() == 0:
         show_in_transformers(out, prompt)
     return 0
@@ -109,7 +115,7 @@ def show_in_transformers(folder: Path, prompt: str) -> None:
     except ImportError:
         print("transformers is not installed: skipping the PyTorch check (pip install '.[test]').")
         return
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = torch.tensor(ByteTokenizer().encode(prompt)[None].astype(np.int64))
     out = model.generate(ids, max_new_tokens=40, do_sample=False)
     print(f"transformers sample: {ByteTokenizer().decode(out[0].numpy())!r}")

@@ -16,9 +16,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from zerojax.mesh import DATA_AXES
+from zerojax.distributed import global_batch, process_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +96,5 @@ class Batches:
         """`step`'s batch as global arrays over `mesh`'s data axes; each process reads only its own rows."""
         if jax.process_count() == 1:
             return self.batch(step)
-        idx = self.indices(step)
-        sharding = NamedSharding(mesh, P(DATA_AXES))
-        cols = self._columns()
-
-        def rows(key):
-            return lambda index: np.asarray(cols[key][idx[index[0]]])[(slice(None),) + tuple(index[1:])]
-
-        return {
-            k: jax.make_array_from_callback((len(idx),) + tuple(np.shape(v)[1:]), sharding, rows(k))
-            for k, v in cols.items()
-        }
+        rows = self.indices(step)[process_rows(self.batch_size, mesh)]
+        return global_batch({k: np.asarray(v[rows]) for k, v in self._columns().items()}, mesh)
