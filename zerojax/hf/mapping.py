@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from zerojax.rules import path_key
+
 TensorMap = Callable[[str, tuple], Sequence["HFTensor"]]
 
 
@@ -64,14 +66,7 @@ class HFTensor:
 
 def path_str(path: tuple) -> str:
     """A jax tree path as a dotted name, without the trailing `.value` of an `nnx.Variable`."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
+    parts = [str(k) for k in path_key(path)]
     if len(parts) > 1 and parts[-1] == "value":
         parts.pop()
     return ".".join(parts)
