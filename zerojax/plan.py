@@ -150,7 +150,14 @@ def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
 
 
 def init_state(params: Any, plan: ZeroPlan) -> TrainState:
-    """A fresh state from full-precision `params`, each leaf placed straight into its sharding."""
+    """A fresh state from full-precision `params`, each leaf placed straight into its sharding.
+
+    `params` may also be a function of no arguments returning them (an initialiser): it then runs
+    inside the same jitted program, so no device ever holds the whole model.
+    """
+    if callable(params):
+        check_params(jax.eval_shape(params), plan, "init_state")
+        return jax.jit(lambda: _fresh_state(plan, params()), out_shardings=plan.state_shardings)()
     check_params(params, plan, "init_state")
     return jax.jit(lambda p: _fresh_state(plan, p), out_shardings=plan.state_shardings)(params)
 
