@@ -8,7 +8,7 @@ import sys
 
 # Each module defines `add_parser(subparsers)`, which registers its subcommand and sets `func`:
 # `func(args) -> int` is the exit code (2 for a user's mistake, with the message on stderr).
-SUBCOMMANDS = ("export", "config", "launch")
+SUBCOMMANDS = ("export", "config", "launch", "estimate")
 
 
 def main(argv: list[str] | None = None) -> int:

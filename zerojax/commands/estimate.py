@@ -1,0 +1,118 @@
+"""`zerojax estimate --model M --devices N`: memory per device and bytes communicated per step, per ZeRO stage.
+
+Analytic numbers come from the plan's shardings; with `--compiled` the real train step is also compiled
+ahead of time for N devices (simulated CPU devices when this machine has fewer: the command re-runs
+itself with XLA_FLAGS=--xla_force_host_platform_device_count=N) and XLA's memory analysis and the
+program's collectives are reported. `--stage auto` prints the cheapest option that fits --device-memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+_CHILD = "ZEROJAX_ESTIMATE_CHILD"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "estimate", help="memory per device and communication per step of each ZeRO stage",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--model", required=True, help="a preset (llama-2-7b, llama-3-8b, gpt2, ...) or a config.json path")
+    p.add_argument("--devices", type=int, required=True, help="number of data-parallel devices N")
+    p.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all", "auto"],
+                   help="ZeRO stage, 'all' (default) or 'auto' (the cheapest that fits --device-memory)")
+    p.add_argument("--offload-optimizer", choices=["none", "cpu"], default="none",
+                   help="keep fp32 master weights and optimizer state in host memory (stages 1-3)")
+    p.add_argument("--offload-param", choices=["none", "cpu"], default="none",
+                   help="keep stage-3 parameter shards in host memory")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
+    p.add_argument("--micro-batch", type=int, default=1, help="micro-batch size per device (default 1)")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 80GB or 80GiB: reports whether each stage fits")
+    p.add_argument("--grad-accum-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="gradient accumulator dtype (DeepSpeed data_types.grad_accum_dtype; default fp32)")
+    p.add_argument("--compiled", action="store_true", help="also compile the train step and report XLA's numbers")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line that reproduces `args` (for the re-run with more simulated devices)."""
+    argv = ["estimate", "--model", args.model, "--devices", str(args.devices), "--stage", args.stage,
+            "--offload-optimizer", args.offload_optimizer, "--offload-param", args.offload_param,
+            "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--grad-accum-dtype", args.grad_accum_dtype]
+    argv += ["--device-memory", args.device_memory] if args.device_memory else []
+    return argv + ["--compiled"] * args.compiled + ["--json"] * args.json
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
+    return subprocess.run([sys.executable, "-m", "zerojax.cli", *_argv(args)], env=env).returncode
+
+
+def _options(stage: str, offload_optimizer: bool, offload_param: bool) -> list[tuple[int, bool, bool]]:
+    if stage != "all":
+        return [(int(stage), offload_optimizer, offload_param)]
+    low = 3 if offload_param else (1 if offload_optimizer else 0)
+    return [(s, offload_optimizer, offload_param) for s in range(low, 4)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prints the table or JSON; a user's mistake is one line on stderr, exit 2."""
+    from zerojax import estimate as est
+
+    def fail(message: str) -> int:
+        print(f"zerojax estimate: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        config = est.load_model_config(args.model)
+        memory = est.parse_bytes(args.device_memory, "--device-memory") if args.device_memory else None
+        opt, param = args.offload_optimizer == "cpu", args.offload_param == "cpu"
+        if args.stage == "auto" and memory is None:
+            raise ValueError("--stage auto needs --device-memory (e.g. --device-memory 80GB) to choose a stage.")
+        if args.stage == "auto" and (opt or param):
+            raise ValueError("--stage auto chooses the offload itself; drop --offload-optimizer/--offload-param.")
+        for name in ("devices", "seq", "micro_batch"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer.")
+        import jax
+
+        if jax.device_count() < args.devices:
+            if os.environ.get(_CHILD):
+                raise ValueError(f"--devices={args.devices}: only {jax.device_count()} devices after re-running.")
+            return _rerun(args)
+        if args.stage == "auto":
+            chosen = est.choose_stage(config, args.devices, memory, seq=args.seq, micro_batch=args.micro_batch,
+                                      compiled=args.compiled, grad_accum_dtype=args.grad_accum_dtype)
+            results = [chosen]
+        else:
+            results = [
+                est.estimate(config, args.devices, s, seq=args.seq, micro_batch=args.micro_batch,
+                             offload_optimizer=o, offload_param=p, device_memory=memory, compiled=args.compiled,
+                             grad_accum_dtype=args.grad_accum_dtype)
+                for s, o, p in _options(args.stage, opt, param)
+            ]
+    except ValueError as e:
+        return fail(" ".join(str(e).split()))
+    if args.json:
+        out = {"model": args.model, "params": results[0].params, "devices": args.devices, "seq": args.seq,
+               "micro_batch": args.micro_batch, "device_memory": memory,
+               "stages": [r.as_json() for r in results]}
+        if args.stage == "auto":
+            out["chosen"] = est.describe_option(results[0])
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{args.model}: {results[0].params:,} parameters on {args.devices} devices, seq {args.seq}, "
+          f"micro-batch {args.micro_batch}, bf16 mixed-precision AdamW, {args.grad_accum_dtype} gradient "
+          "accumulator, full remat")
+    if args.stage == "auto":
+        print(f'stage "auto" chooses {est.describe_option(results[0])}')
+    print(est.table(results))
+    return 0

@@ -1,0 +1,632 @@
+"""Memory and communication per device of a ZeRO train step: from formulas, and from compiling it.
+
+Analytic numbers come from the shardings of an abstract plan (`zerojax.memory_report`: parameters,
+gradients, master weights, optimizer state) plus a rough activation estimate for full
+rematerialisation. Compiled numbers come from lowering and compiling the real train step ahead of
+time on N devices (abstract shapes, nothing allocated): XLA's `memory_analysis()` for memory, and the
+collectives of the program for communication.
+
+Collective bytes count whole tensors: an all-gather moves its result, a reduce-scatter its operand,
+an all-reduce twice its operand (reduce-scatter + all-gather, the ZeRO paper's accounting), so DDP
+and stages 1-2 move 2Ψ elements per step and stage 3 moves 3Ψ. They are read from the lowered
+StableHLO, whose dtypes are the ones a GPU runs; collectives that GSPMD inserts when it partitions the
+optimizer update (the stage 1-2 parameter all-gather) exist only in the compiled HLO, so that program
+is parsed too and the step's total takes, per collective kind, the lowered bytes plus the compiled
+program's extra elements at the lowered program's itemsize for that kind (see `step_collectives`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections import defaultdict
+
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "llama-2-13b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+                    "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "llama-2-70b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
+                    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "llama-3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0},
+    "mistral-7b": {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096},
+    "gpt2": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12},
+    "gpt2-medium": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 1024, "n_layer": 24,
+                    "n_head": 16},
+    "gpt2-large": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 1280, "n_layer": 36,
+                   "n_head": 20},
+    "gpt2-xl": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 1600, "n_layer": 48,
+                "n_head": 25},
+}
+
+# Cheapest first, as the Hugging Face DeepSpeed guide ranks speed: 0 > 1 > 2 > 2+offload > 3 > 3+offload.
+AUTO_ORDER: tuple[tuple[int, bool, bool], ...] = (
+    (0, False, False), (1, False, False), (2, False, False), (2, True, False),
+    (3, False, False), (3, True, False), (3, True, True),
+)
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int, what: str = "device_memory") -> int:
+    """`'80GB'` (10^9), `'80GiB'` (2^30), `'512MB'` or a plain integer number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{what}={text!r} is not a memory size; write e.g. 80GB, 80GiB, 512MB or a byte count.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def load_model_config(model: str) -> dict:
+    """A Hugging Face config dict: a preset name (see `PRESETS`) or the path of a `config.json`."""
+    if model in PRESETS:
+        return dict(PRESETS[model])
+    if os.path.isdir(model):
+        model = os.path.join(model, "config.json")
+    if not os.path.isfile(model):
+        raise ValueError(
+            f"model={model!r} is neither a preset nor a config.json file; use one of {sorted(PRESETS)} or the "
+            "path of a Hugging Face config.json (or its folder)."
+        )
+    with open(model) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model={model!r}: not valid JSON ({e}); pass a Hugging Face config.json.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"model={model!r}: the JSON is a {type(config).__name__}, not a config object.")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The sizes of a decoder-only transformer that set its activation memory."""
+
+    hidden: int
+    layers: int
+    heads: int
+    inner: int
+    vocab: int
+
+
+def model_dims(hf_config: dict) -> Dims:
+    from zerojax.models import gpt2, llama, model_type
+
+    if model_type(hf_config) == "gpt2":
+        c = gpt2.GPT2Config.from_hf(hf_config)
+        return Dims(c.n_embd, c.n_layer, c.n_head, c.n_inner, c.vocab_size)
+    c = llama.LlamaConfig.from_hf(hf_config)
+    return Dims(c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size, c.vocab_size)
+
+
+def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int = 2) -> int:
+    """Activations per device with full rematerialisation, an estimate (attention not fused).
+
+    The layer inputs the scan saves (L x B x T x H), one layer's recomputed forward and its gradients
+    (about 16 hidden-sized and 3 MLP-sized tensors, fp32 attention scores and probabilities, twice), and
+    the fp32 logits with their gradient.
+    """
+    b, t, h = micro_batch, seq, dims.hidden
+    saved = dims.layers * b * t * h * compute_bytes
+    layer = (16 * b * t * h + 3 * b * t * dims.inner) * compute_bytes + 2 * 2 * b * dims.heads * t * t * 4
+    logits = b * t * dims.vocab * (2 * 4 + compute_bytes)
+    return saved + layer + logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """XLA's memory analysis of the compiled step, per device, and its collectives per step.
+
+    `peak_bytes` = device arguments + outputs - aliased outputs + temporaries: an upper bound on what
+    the step holds at once, as XLA sizes buffers; with the state donated the outputs alias the
+    arguments, so it is arguments + temporaries. A backend that does not split its statistics by
+    memory space (XLA:CPU reports no host bytes) counts offloaded state among the arguments: then the
+    plan's host-resident state bytes (`host_state_bytes`) are taken off, while the temporaries still
+    include any host-side work, so the device peak is overstated rather than understated.
+    """
+
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    host_argument_bytes: int
+    host_temp_bytes: int
+    host_state_bytes: int  # the plan's state in host memory between steps
+    batch_bytes: int
+    lowered_collectives: dict  # kind -> dtype -> bytes, from the lowered StableHLO
+    compiled_collectives: dict  # kind -> dtype -> bytes, from the compiled HLO (CPU upcasts 16-bit)
+    seconds: float
+
+    @property
+    def device_argument_bytes(self) -> int:
+        return self.argument_bytes - (self.host_state_bytes if self.host_argument_bytes == 0 else 0)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.device_argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """The train state the step takes as arguments (device and host), the batch excluded."""
+        return self.argument_bytes + self.host_argument_bytes - self.batch_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEstimate:
+    """One stage/offload option for one model on `devices` data-parallel devices (bytes per device)."""
+
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    devices: int
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    master_bytes: int
+    optimizer_bytes: int
+    held_bytes: int  # between steps: params, master weights, optimizer state (device and host)
+    host_bytes: int  # of the held bytes, those in host memory
+    model_state_bytes: int  # held + the step's gradient accumulator
+    theory_model_state_bytes: float  # the ZeRO formula with this plan's byte widths
+    activation_bytes: int
+    theory_collectives: dict  # kind -> bytes per step by the ZeRO paper (2Ψ or 3Ψ elements)
+    device_memory: int | None
+    compiled: Compiled | None = None
+
+    @property
+    def theory_collective_bytes(self) -> int:
+        return sum(self.theory_collectives.values())
+
+    @property
+    def analytic_peak_bytes(self) -> int:
+        return self.model_state_bytes - self.host_bytes + self.activation_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Device bytes at the step's peak: compiled when available, else analytic."""
+        return self.compiled.peak_bytes if self.compiled else self.analytic_peak_bytes
+
+    @property
+    def collective_bytes(self) -> dict[str, int]:
+        """Bytes per step by collective kind (see the module docstring), with `total`: from the
+        compiled step when there is one, else the theory."""
+        kinds = self.theory_collectives
+        if self.compiled is not None:
+            kinds = step_collectives(self.compiled.lowered_collectives, self.compiled.compiled_collectives)
+        return {**kinds, "total": sum(kinds.values())}
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.peak_bytes <= self.device_memory
+
+    def as_json(self) -> dict:
+        out = {
+            "stage": self.stage,
+            "offload_optimizer": "cpu" if self.offload_optimizer else None,
+            "offload_param": "cpu" if self.offload_param else None,
+            "model_state_bytes": self.model_state_bytes,
+            "peak_bytes": self.peak_bytes,
+            "peak_source": "compiled" if self.compiled else "analytic",
+            "theory_model_state_bytes": int(self.theory_model_state_bytes),
+            "host_bytes": self.host_bytes,
+            "collective_bytes": self.collective_bytes,
+            "theory_collective_bytes": int(self.theory_collective_bytes),
+            "fits": self.fits,
+            "analytic": {
+                "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes, "master_bytes": self.master_bytes,
+                "optimizer_bytes": self.optimizer_bytes, "held_bytes": self.held_bytes,
+                "activation_bytes": self.activation_bytes, "peak_bytes": self.analytic_peak_bytes,
+            },
+        }
+        if self.compiled:
+            c = self.compiled
+            out["compiled"] = {
+                "argument_bytes": c.argument_bytes, "output_bytes": c.output_bytes, "alias_bytes": c.alias_bytes,
+                "temp_bytes": c.temp_bytes, "host_argument_bytes": c.host_argument_bytes,
+                "host_state_bytes": c.host_state_bytes, "device_argument_bytes": c.device_argument_bytes,
+                "host_temp_bytes": c.host_temp_bytes, "state_bytes": c.state_bytes, "peak_bytes": c.peak_bytes,
+                "lowered_collectives": c.lowered_collectives, "compiled_collectives": c.compiled_collectives,
+                "compile_seconds": round(c.seconds, 2),
+            }
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collectives in program text
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes of one element of an MLIR or HLO element type (`bf16`, `f32`, `i1`, `pred`, `f8E4M3FN`)."""
+    if dtype in ("pred", "i1"):
+        return 1
+    m = re.match(r"[a-zA-Z]+(\d+)", dtype)
+    if not m:
+        raise ValueError(f"unknown element type {dtype!r} in the program text")
+    return max(int(m.group(1)) // 8, 1)
+
+
+def _tensor_bytes(dims: str, dtype: str) -> int:
+    n = math.prod(int(d) for d in dims.split("x") if d) if dims else 1
+    return n * _itemsize(dtype)
+
+
+_MLIR_TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-zA-Z][a-zA-Z0-9]*)>")
+_MLIR_FUNC = re.compile(r"^\s*func\.func\s+(?:public\s+|private\s+)?@([\w.$-]+)\(")
+_MLIR_CALL = re.compile(r"call @([\w.$-]+)\(")
+_MLIR_COLLECTIVE = re.compile(r'"stablehlo\.(all_gather|reduce_scatter|all_reduce)"')
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _mlir_types(signature: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(operand types, result types) of an op signature `(tensor<..>, ..) -> tensor<..>`."""
+    operands, _, results = signature.rpartition("->")
+    return _MLIR_TENSOR.findall(operands), _MLIR_TENSOR.findall(results)
+
+
+def _mlir_trip_count(lines: list[str], start: int, cond: list[str]) -> int:
+    """The trip count of a `stablehlo.while` whose condition is `iv < constant` (how `lax.scan` lowers)."""
+    for line in cond:
+        m = re.search(r"stablehlo\.compare\s+LT,\s*%[\w#]+,\s*(%[\w#]+)", line)
+        if m:
+            name = re.escape(m.group(1))
+            const = re.compile(name + r" = stablehlo\.constant dense<(-?\d+)> : tensor<i(?:32|64)>")
+            for candidate in cond + lines[start::-1]:
+                c = const.search(candidate)
+                if c:
+                    return int(c.group(1))
+    raise ValueError("a stablehlo.while loop has no constant trip count; cannot count its collectives")
+
+
+def _scan_mlir_function(lines: list[str]) -> tuple[list, list]:
+    """(collectives, calls) of one function body: `(kind, dtype, bytes, times)` and `(callee, times)`."""
+    collectives, calls, loops = [], [], []  # loops: (indent of the while, trip count)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        ind = _indent(line)
+        if loops and ind == loops[-1][0] and line.strip() == "}":  # the end of a loop body
+            loops.pop()
+            i += 1
+            continue
+        times = math.prod(t for _, t in loops)
+        if "stablehlo.while" in line:
+            j = i + 1
+            while not (lines[j].strip() == "} do {" and _indent(lines[j]) == ind):
+                j += 1
+            loops.append((ind, _mlir_trip_count(lines, i, lines[i + 1:j])))
+            i = j + 1
+            continue
+        m = _MLIR_COLLECTIVE.search(line)
+        if m:
+            kind = m.group(1).replace("_", "-")
+            j = i
+            if line.rstrip().endswith("({"):  # a reducer region: the signature follows it
+                j = i + 1
+                while not (lines[j].strip().startswith("})") and _indent(lines[j]) == ind):
+                    j += 1
+            signature = lines[j].rsplit(" : ", 1)[-1]
+            operands, results = _mlir_types(signature)
+            counted = results if kind == "all-gather" else operands
+            factor = 2 if kind == "all-reduce" else 1
+            for dims, dtype in counted:
+                collectives.append((kind, dtype, factor * _tensor_bytes(dims, dtype), times))
+            i = j + 1
+            continue
+        for callee in _MLIR_CALL.findall(line):
+            calls.append((callee, times))
+        i += 1
+    return collectives, calls
+
+
+def _total(functions: dict, entry: str) -> dict:
+    """kind -> dtype -> bytes of `entry`, following calls and multiplying loop bodies by trip counts."""
+    memo: dict[str, dict] = {}
+
+    def visit(name: str) -> dict:
+        if name not in memo:
+            out: dict = defaultdict(lambda: defaultdict(int))
+            collectives, calls = functions.get(name, ([], []))
+            for kind, dtype, nbytes, times in collectives:
+                out[kind][dtype] += nbytes * times
+            for callee, times in calls:
+                for kind, by_dtype in visit(callee).items():
+                    for dtype, nbytes in by_dtype.items():
+                        out[kind][dtype] += nbytes * times
+            memo[name] = out
+        return memo[name]
+
+    return {k: dict(v) for k, v in visit(entry).items()}
+
+
+def lowered_collectives(text: str) -> dict:
+    """kind -> dtype -> bytes per step of a lowered StableHLO module (`lowered.as_text()`).
+
+    Calls are followed; a `stablehlo.while` body counts its trip count times (read from its `iv < c`
+    condition, as `lax.scan` and `fori_loop` lower); ops in the branches of a conditional count once.
+    """
+    functions, name, body = {}, None, []
+    for line in text.splitlines():
+        m = _MLIR_FUNC.match(line)
+        if m:
+            name, body = m.group(1), []
+            functions[name] = body
+        elif name is not None:
+            body.append(line)
+    if "main" not in functions:
+        raise ValueError("lowered program has no @main function")
+    return _total({k: _scan_mlir_function(v) for k, v in functions.items()}, "main")
+
+
+_HLO_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_HLO_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?)\s(all-gather|reduce-scatter|all-reduce)(-start)?\(")
+_HLO_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HLO_GROUPS = re.compile(r"replica_groups=(\{\{[0-9,]*\}|\[\d+,(\d+)\]<=)")
+
+
+def _hlo_group_size(line: str) -> int:
+    m = _HLO_GROUPS.search(line)
+    if not m:
+        raise ValueError(f"collective without replica_groups in the compiled program: {line.strip()[:120]}")
+    return int(m.group(2)) if m.group(2) else len(m.group(1).strip("{}").split(","))
+
+
+def compiled_collectives(text: str) -> dict:
+    """kind -> dtype -> bytes per step of a compiled HLO module (`compiled.as_text()`).
+
+    While bodies count `known_trip_count` times; a conditional's branches each count once.
+    """
+    functions: dict[str, tuple[list, list]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        m = _HLO_COMPUTATION.match(line)
+        if m:
+            current = ([], [])
+            functions[m.group(2)] = current
+            entry = m.group(2) if m.group(1) else entry
+            continue
+        if current is None or " = " not in line:
+            continue
+        line = re.sub(r"/\*index=\d+\*/", "", line)  # tuple shapes carry these comments
+        c = _HLO_COLLECTIVE.search(line)
+        if c:
+            kind = c.group(2)
+            shapes = _HLO_SHAPE.findall(c.group(1))
+            if c.group(3) and kind == "all-gather":  # an async start returns (operands, results)
+                shapes = shapes[len(shapes) // 2:]
+            factor = _hlo_group_size(line) if kind == "reduce-scatter" else (2 if kind == "all-reduce" else 1)
+            for dtype, dims in shapes:
+                nbytes = math.prod(int(d) for d in dims.split(",") if d) * _itemsize(dtype)
+                current[0].append((kind, dtype, factor * nbytes, 1))
+            continue
+        if " while(" in line:
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            if not trip:
+                raise ValueError("a while loop in the compiled program has no known trip count")
+            current[1].append((re.search(r"body=%([\w.\-]+)", line).group(1), int(trip.group(1))))
+            continue
+        for key in ("calls", "to_apply", "branch_computations"):
+            for group in re.findall(key + r"=(\{[^}]*\}|%[\w.\-]+)", line):
+                current[1].extend((name.strip(" {}%"), 1) for name in group.split(",") if name.strip(" {}"))
+    if entry is None:
+        raise ValueError("compiled program has no ENTRY computation")
+    return _total(functions, entry)
+
+
+def step_collectives(lowered: dict, compiled: dict) -> dict[str, int]:
+    """Bytes per step by kind: the lowered program's, plus the elements that only the compiled program
+    moves (GSPMD's partitioning of the optimizer update), priced at the lowered itemsize of that kind
+    (the compute itemsize when the lowered program has none of that kind: 2 bytes)."""
+    out = {}
+    for kind in COLLECTIVES:
+        low, comp = lowered.get(kind, {}), compiled.get(kind, {})
+        low_elems = sum(b / _itemsize(d) for d, b in low.items())
+        comp_elems = sum(b / _itemsize(d) for d, b in comp.items())
+        width = (sum(low.values()) / low_elems) if low_elems else 2
+        out[kind] = int(sum(low.values()) + max(comp_elems - low_elems, 0) * width)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans and estimates
+
+
+def _plan(graph_params, stage: int, devices, offload_optimizer: bool, offload_param: bool, grad_accum_dtype: str):
+    import optax
+    import zerojax as zj
+
+    offload = zj.Offload(  # an offloaded optimizer is updated on the host, as DeepSpeed's CPU Adam
+        optimizer="pinned_host" if offload_optimizer else None, params="pinned_host" if offload_param else None,
+        mode="host" if offload_optimizer else "streamed",
+    )
+    mesh = zj.make_mesh(devices=devices)
+    precision = zj.Precision.bf16(accum_dtype=grad_accum_dtype)
+    return zj.make_plan(graph_params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=stage), precision,
+                        scanned=("layers",), offload=offload)
+
+
+def _devices(n: int):
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(
+            f"devices={n}: this process has {len(devices)} {devices[0].platform} devices. Run the estimate in a "
+            f"process started with XLA_FLAGS=--xla_force_host_platform_device_count={n} (the `zerojax estimate` "
+            "command does this itself)."
+        )
+    return devices[:n]
+
+
+def _check(devices: int, seq: int, micro_batch: int, stage, offload_optimizer: bool, offload_param: bool) -> None:
+    for name, value in (("devices", devices), ("seq", seq), ("micro_batch", micro_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if seq < 2:
+        raise ValueError(f"seq={seq} must be at least 2 (the loss predicts the next token).")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3.")
+    if offload_param and stage != 3:
+        raise ValueError(f"offload_param at stage={stage}: parameter offload needs stage 3; use --stage 3.")
+    if offload_optimizer and stage == 0:
+        raise ValueError("offload_optimizer at stage=0: optimizer offload needs stage 1, 2 or 3.")
+
+
+def estimate(
+    hf_config: dict,
+    devices: int,
+    stage: int,
+    *,
+    seq: int = 2048,
+    micro_batch: int = 1,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+    device_memory: int | None = None,
+    compiled: bool = False,
+    grad_accum_dtype: str = "fp32",
+) -> StageEstimate:
+    """Bytes per device of one stage for the model of `hf_config` on `devices` data-parallel devices.
+
+    Mixed-precision AdamW (bf16 compute, fp32 master, gradient accumulator in `grad_accum_dtype`:
+    DeepSpeed's `data_types.grad_accum_dtype`; the ZeRO paper's formula assumes 'bf16'), full remat,
+    layers scanned. Needs `devices` jax devices in this process (simulated CPU devices will do).
+    """
+    from zerojax.models import abstract_model
+    from zerojax.report import memory_report, zero_formula_bytes
+
+    _check(devices, seq, micro_batch, stage, offload_optimizer, offload_param)
+    graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True, remat="full")
+    if grad_accum_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} is not supported; use 'fp32' or 'bf16'.")
+    plan = _plan(params, stage, _devices(devices), offload_optimizer, offload_param, grad_accum_dtype)
+    report = memory_report(plan)
+    prec = plan.precision
+    psi = report.num_params
+    cb, ab, rb = prec.compute_dtype.itemsize, prec.accum_dtype.itemsize, prec.reduce_dtype.itemsize
+    theory = zero_formula_bytes(stage, psi, devices, param_bytes=cb, grad_bytes=ab,
+                                optimizer_bytes=prec.master_dtype.itemsize + 8)
+    gathers = {0: 0, 1: 1, 2: 1, 3: 2}[stage] * psi * cb  # stage 3: forward, and again in the remat backward
+    theory_collectives = {"all-gather": gathers, "reduce-scatter": psi * rb if stage else 0,
+                          "all-reduce": 0 if stage else 2 * psi * rb}
+    result = StageEstimate(
+        stage=stage, offload_optimizer=offload_optimizer, offload_param=offload_param, devices=devices, params=psi,
+        param_bytes=report.param_bytes, grad_bytes=report.grad_bytes, master_bytes=report.master_bytes,
+        optimizer_bytes=report.opt_state_bytes, held_bytes=report.held_bytes, host_bytes=report.host_bytes,
+        model_state_bytes=report.model_state_bytes, theory_model_state_bytes=theory,
+        activation_bytes=activation_bytes(model_dims(hf_config), seq, micro_batch, cb),
+        theory_collectives=theory_collectives,
+        device_memory=device_memory,
+    )
+    if compiled:
+        result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, seq, micro_batch))
+    return result
+
+
+def compile_step(graphdef, plan, seq: int, micro_batch: int) -> Compiled:
+    """Lowers and compiles the train step for `plan` ahead of time and reads its memory and collectives."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import zerojax as zj
+    from zerojax.models import causal_lm_loss
+    from zerojax.report import memory_report
+
+    n = plan.rules.data_size
+    sharding = NamedSharding(plan.mesh, P(zj.DATA_AXES))
+    batch = {"input_ids": jax.ShapeDtypeStruct((micro_batch * n, seq), jnp.int32, sharding=sharding)}
+    step = zj.make_train_step(causal_lm_loss(graphdef), plan)
+    start = time.perf_counter()
+    lowered = step.lower(plan.abstract_state(), batch)
+    lowered_text = lowered.as_text()
+    exe = lowered.compile()
+    seconds = time.perf_counter() - start
+    stats = exe.memory_analysis()
+    return Compiled(
+        argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
+        alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
+        host_argument_bytes=stats.host_argument_size_in_bytes, host_temp_bytes=stats.host_temp_size_in_bytes,
+        host_state_bytes=memory_report(plan).host_bytes, batch_bytes=micro_batch * seq * 4,
+        lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=compiled_collectives(exe.as_text()),
+        seconds=seconds,
+    )
+
+
+def choose_stage(
+    hf_config: dict,
+    devices: int,
+    device_memory: int,
+    *,
+    seq: int = 2048,
+    micro_batch: int = 1,
+    compiled: bool = True,
+    grad_accum_dtype: str = "fp32",
+) -> StageEstimate:
+    """`zero_optimization.stage: "auto"`: the first option of `AUTO_ORDER` (lowest stage, then offload)
+    whose peak bytes per device fit `device_memory`; raises ValueError naming the smallest peak if none does."""
+    tried = []
+    for stage, opt, param in AUTO_ORDER:
+        est = estimate(hf_config, devices, stage, seq=seq, micro_batch=micro_batch, offload_optimizer=opt,
+                       offload_param=param, device_memory=device_memory, compiled=compiled,
+                       grad_accum_dtype=grad_accum_dtype)
+        if est.fits:
+            return est
+        tried.append(est)
+    best = min(tried, key=lambda e: e.peak_bytes)
+    raise ValueError(
+        f'stage "auto": no ZeRO stage or offload fits device_memory={device_memory / 2**30:.2f} GiB on {devices} '
+        f"devices; the smallest peak is {best.peak_bytes / 2**30:.2f} GiB ({describe_option(best)}). Use more "
+        "devices, a shorter sequence or a smaller micro-batch."
+    )
+
+
+def describe_option(e: StageEstimate) -> str:
+    offload = [name for name, on in (("optimizer", e.offload_optimizer), ("params", e.offload_param)) if on]
+    return f"stage {e.stage}" + (f" + offload {' and '.join(offload)} to cpu" if offload else "")
+
+
+def table(estimates: list[StageEstimate]) -> str:
+    """A readable table of bytes per device, in GiB (MiB for models under 1 GiB a device)."""
+    big = max((e.peak_bytes for e in estimates), default=0) >= 2**30
+    unit, scale = ("GiB", 2**30) if big else ("MiB", 2**20)
+    num = lambda b: f"{b / scale:10.2f}"
+    head = (f"{'option':46} {'states':>10} {'theory':>10} {'host':>10} {'activ.':>10} {'peak':>10} "
+            f"{'comm/step':>10} {'fits':>5}")
+    lines = [head, "-" * len(head)]
+    for e in estimates:
+        fits = "-" if e.fits is None else ("yes" if e.fits else "no")
+        lines.append(
+            f"{describe_option(e):46} {num(e.model_state_bytes)} {num(e.theory_model_state_bytes)} "
+            f"{num(e.host_bytes)} {num(e.activation_bytes)} {num(e.peak_bytes)} "
+            f"{num(e.collective_bytes['total'])} {fits:>5}"
+        )
+    src = ("compiled (XLA memory analysis: device arguments + outputs - aliases + temporaries)"
+           if estimates and estimates[0].compiled else "analytic (device model states + activations)")
+    lines.append(
+        f"{unit} per device. states: params + gradient accumulator + master + optimizer state (theory: the ZeRO "
+        f"formula); peak: {src}; comm/step: all-gather results + reduce-scatter operands + 2 x all-reduce operands."
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "AUTO_ORDER", "Compiled", "PRESETS", "StageEstimate", "activation_bytes", "choose_stage", "compile_step",
+    "compiled_collectives", "estimate", "load_model_config", "lowered_collectives", "parse_bytes", "step_collectives",
+    "table",
+]
