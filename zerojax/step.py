@@ -134,23 +134,31 @@ def make_train_step(
     shardings = plan.state_shardings
     host_update = plan.offload.mode == "host" and plan.offload.optimizer is not None
 
-    def update(grads, opt_state, master, finite):
-        """The optimizer step on sharded state; a non-finite step leaves master and state unchanged."""
-        updates, new_opt_state = plan.tx.update(grads, opt_state, master)
-        new_master = optax.apply_updates(master, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        return keep(new_master, master), keep(new_opt_state, opt_state)
+    def update(grads, opt_state, master, finite, grad_norm):
+        """The clipped optimizer step on sharded state; a non-finite step leaves master and state unchanged.
+
+        A conditional rather than a select: the skipped branch is the identity, so XLA can update the
+        donated master weights and moments in place instead of holding old and new side by side.
+        """
+
+        def apply(operands):
+            grads, opt_state, master = operands
+            if max_grad_norm > 0:
+                coef = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
+                grads = jax.tree.map(lambda g: g * coef, grads)
+            updates, new_opt_state = plan.tx.update(grads, opt_state, master)
+            new = optax.apply_updates(master, updates), new_opt_state
+            # Keep each leaf in its input's memory space (a host-computed update makes device scalars).
+            return jax.tree.map(lambda n, o: jax.device_put(n, jax.typeof(o).memory_space), new, (master, opt_state))
+
+        return lax.cond(finite, apply, lambda operands: (operands[2], operands[1]), (grads, opt_state, master))
 
     def step(state: TrainState, batch):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.ones((), jnp.float32)
         grads, loss = sharded_grads(on_device(state.params, shardings.params), batch, scale)
         grads = jax.tree.map(lambda g: g / (scale * ranks * micro_batches), grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), grads)
-        grad_norm = optax.tree.norm(grads)
-        if max_grad_norm > 0:
-            coef = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
-            grads = jax.tree.map(lambda g: g * coef, grads)
+        grad_norm = optax.tree.norm(grads)  # inf or nan on a skipped step
 
         master, master_shardings = (state.master, shardings.master) if prec.mixed else (state.params, shardings.params)
         if host_update:  # DeepSpeed's CPU optimizer: the update runs where the state lives
@@ -160,12 +168,14 @@ def make_train_step(
                 state.opt_state,
                 to_memory(master, master_shardings, plan.offload.optimizer),
                 jax.device_put(finite, host),
+                jax.device_put(grad_norm, host),
             )
             with compute_on("device_host"):
                 new_master, opt_state = update(*args)
         else:
             new_master, opt_state = update(
-                grads, on_device(state.opt_state, shardings.opt_state), on_device(master, master_shardings), finite
+                grads, on_device(state.opt_state, shardings.opt_state), on_device(master, master_shardings), finite,
+                grad_norm,
             )
         params = jax.tree.map(
             lambda m, s: lax.with_sharding_constraint(m.astype(prec.compute_dtype), s),
