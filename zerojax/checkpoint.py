@@ -8,7 +8,16 @@ A checkpoint step is a folder `DIR/<step>` with two orbax items:
   export needs nothing but the folder), the metrics of the step and what was saved.
 
 Orbax writes each step into a temporary folder and renames it when every item is complete, so a crash
-mid-save leaves the previous steps intact and `latest_step` is always a complete checkpoint.
+mid-save leaves the previous steps intact and `latest_step` is always a complete checkpoint (leftover
+temporary folders are deleted when a writable manager opens the folder).
+
+Integrity: orbax/tensorstore checksum their index (OCDBT b-tree nodes carry CRC-32C) and JSON files fail
+to parse when damaged, but the array data itself has no checksum, so a flipped byte in a tensor restores
+silently. Every step therefore holds `integrity.json`, the SHA-256 and size of each of its files, written
+by the primary process inside the temporary folder after all processes finished writing and before the
+rename (orbax's post-finalization hook), so the manifest is committed atomically with the step. Every
+restore verifies it first (once per manager and step) and raises `CorruptCheckpointError` naming the step
+and the file; `restore_latest_good` falls back to the newest step that verifies.
 
 Restoring reads onto the shardings of a *target* (a `ZeroPlan`, or a `TrainState` of arrays or
 `ShapeDtypeStruct`s): another device count, stage or mesh shape; each process reads only its shards.
@@ -21,14 +30,21 @@ scaling needs a checkpoint that has one (error otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import glob
+import hashlib
 import json
 import os
+import re
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from zerojax.hf import export_hf
@@ -37,10 +53,27 @@ from zerojax.plan import TrainState, ZeroPlan
 STATE = "state"
 META = "meta"
 FORMAT = "zerojax-checkpoint/1"
+INTEGRITY = "integrity.json"
+INTEGRITY_FORMAT = "zerojax-integrity/1"
+# Not in the manifest: the manifest itself, and the two files orbax writes at the commit, after the
+# manifest: the step's metadata (handler names, metrics, commit time) and its commit marker.
+UNCHECKED = (INTEGRITY, INTEGRITY + ".tmp", "_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder, step or content that does not fit the request."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save that could not be written (disk full, read-only or missing folder); older steps are intact."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed step whose files are damaged (checksum, size or format): `step` and `file` name it."""
+
+    def __init__(self, message: str, step: int, file: str | None):
+        super().__init__(message)
+        self.step, self.file = step, file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +87,8 @@ class CheckpointOptions:
     ending in `loss`, else True. `save_only_model`: save the compute-dtype parameters only (no master,
     optimizer or scaler state: the step cannot be resumed). `async_save`: `save` returns once the
     arrays are copied off the training buffers; the files are written in a background thread.
+    `verify_integrity`: check each step's file checksums before restoring it (reads the step's files
+    once more; the manifest is written either way).
     """
 
     save_total_limit: int | None = None
@@ -62,6 +97,7 @@ class CheckpointOptions:
     load_best_model_at_end: bool = False
     save_only_model: bool = False
     async_save: bool = True
+    verify_integrity: bool = True
 
     def __post_init__(self):
         limit = self.save_total_limit
@@ -166,20 +202,28 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint folder {self.directory} does not exist; expected a folder "
                                   "written by zerojax.checkpoint.CheckpointManager.")
         self._rank = rank = _ranking(options)
+        self._read_only = read_only
+        self._saving: int | None = None  # the step being written (for the integrity hook)
+        self._verified: set[int] = set()
         mngr_options = ocp.CheckpointManagerOptions(
             best_fn=rank,
             best_mode="max",
             preservation_policy=KeepBestAndLatest(options.save_total_limit, rank),
-            enable_async_checkpointing=options.async_save,
+            # always the async checkpointer (its post-finalization hook writes the integrity manifest
+            # before the commit rename); `async_save=False` waits in `save`.
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_integrity),
             read_only=read_only,
             create=not read_only,
+            cleanup_tmp_directories=not read_only,
             save_interval_steps=0 if read_only else 1,
         )
-        self._mngr = ocp.CheckpointManager(
-            self.directory,
-            options=mngr_options,
-            item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
-        )
+        with _write_errors(self, None):
+            self._mngr = ocp.CheckpointManager(
+                self.directory,
+                options=mngr_options,
+                item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+            )
         if read_only and not self.all_steps():
             raise CheckpointError(f"checkpoint folder {self.directory} holds no complete checkpoint step; "
                                   "expected step folders written by zerojax.checkpoint.CheckpointManager.")
@@ -187,7 +231,8 @@ class CheckpointManager:
     # --- saving -------------------------------------------------------------------------------
     def save(self, state: TrainState, *, rng: Any = None, data_position: Any = None, config: Any = None,
              hf_config: dict | None = None, metrics: dict | None = None) -> bool:
-        """Saves `state` as step `int(state.step)` (returns False if that step already exists).
+        """Saves `state` as step `int(state.step)` (returns False, with a warning, if that step already
+        exists: a step is never overwritten).
 
         `rng`: a JAX PRNG key (typed or raw uint32); `data_position`, `config`, `hf_config`: JSON-able
         values (a dataclass config is stored as its dict); `metrics`: the step's evaluation metrics,
@@ -196,6 +241,8 @@ class CheckpointManager:
         """
         step = int(state.step)
         if step in self.all_steps():
+            warnings.warn(f"checkpoint step {step} already exists in {self.directory}; it was not overwritten "
+                          "(resume from it, or use a new folder for a new run).", stacklevel=2)
             return False
         if metrics is not None and self._rank is not None:
             self.options.metric_value(metrics)  # fail now, not in the background thread
@@ -214,19 +261,45 @@ class CheckpointManager:
             "metric_for_best_model": self.options.metric_for_best_model,
             "greater_is_better": self.options.greater_is_better,
         }
-        return self._mngr.save(
-            step,
-            args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree), META: ocp.args.JsonSave(meta)}),
-            metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-            force=True,
-        )
+        self.wait()  # one save in flight at a time: the integrity hook knows its step
+        self._saving = step
+        with _write_errors(self, step):
+            saved = self._mngr.save(
+                step,
+                args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree), META: ocp.args.JsonSave(meta)}),
+                metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+                force=True,
+            )
+        if not self.options.async_save:
+            self.wait()
+        return saved
+
+    def _write_integrity(self) -> None:
+        """Orbax's post-finalization hook (primary process, every process done, before the rename):
+        writes the checksum manifest of the step being saved into its temporary folder."""
+        pattern = os.path.join(self.directory, f"{self._saving}{ocp.path.atomicity_types.TMP_DIR_SUFFIX}*")
+        folders = sorted(glob.glob(pattern), key=os.path.getmtime)
+        if not folders:
+            raise CheckpointError(f"save of step {self._saving}: its temporary folder ({pattern}) is gone; "
+                                  "is another process writing checkpoints into the same folder?")
+        folder = folders[-1]
+        manifest = {"format": INTEGRITY_FORMAT, "algorithm": "sha256", "files": _checksums(folder)}
+        with open(os.path.join(folder, INTEGRITY + ".tmp"), "w") as f:
+            json.dump(manifest, f, indent=0, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(folder, INTEGRITY + ".tmp"), os.path.join(folder, INTEGRITY))
 
     def wait(self) -> None:
-        """Blocks until every pending asynchronous save is on disk (and old steps are rotated)."""
-        self._mngr.wait_until_finished()
+        """Blocks until every pending asynchronous save is on disk (and old steps are rotated); raises
+        `CheckpointWriteError` if it could not be written."""
+        with _write_errors(self, self._saving):
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.close()
+        """Waits for pending saves (raising `CheckpointWriteError` if one failed) and releases the manager."""
+        with _write_errors(self, self._saving):
+            self._mngr.close()
 
     def __enter__(self):
         return self
@@ -263,7 +336,8 @@ class CheckpointManager:
         """`step` as an existing step number: an int, `'latest'` (or None) or `'best'`."""
         steps = self.all_steps()
         if not steps:
-            raise CheckpointError(f"checkpoint folder {self.directory} holds no complete checkpoint step.")
+            raise CheckpointError(f"checkpoint folder {self.directory} holds no complete checkpoint step; save one "
+                                  "first, or start without resuming (resume_from_checkpoint=None).")
         if step is None or step == "latest":
             return steps[-1]
         if step == "best":
@@ -280,13 +354,15 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int):
             raise CheckpointError(f"step={step!r} is not a step; use a step number, 'latest' or 'best'.")
         if step not in steps:
-            raise CheckpointError(f"step {step} is not in {self.directory}; available steps: {steps}.")
+            raise CheckpointError(f"step {step} is not in {self.directory}; available steps: {steps}; pass one of "
+                                  "them, 'latest' or 'best'.")
         return step
 
     def metadata(self, step: int | str | None = "latest") -> dict:
         """The JSON metadata of a step (rng, data_position, config, hf_config, metrics, ...)."""
         step = self.resolve_step(step)
-        meta = self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        with _read_errors(self, step):
+            meta = self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"step {step} in {self.directory} is not a zerojax checkpoint (its metadata "
                                   f"has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
@@ -296,12 +372,96 @@ class CheckpointManager:
     def saved_tensors(self, step: int | str | None = "latest") -> dict:
         """The saved state's tree (dicts and lists) with orbax `ArrayMetadata` leaves (name, shape, dtype)."""
         step = self.resolve_step(step)
-        return self._mngr.item_metadata(step)[STATE].tree
+        with _read_errors(self, step):
+            return self._mngr.item_metadata(step)[STATE].tree
+
+    # --- integrity ----------------------------------------------------------------------------
+    def verify(self, step: int | str | None = "latest") -> int:
+        """Checks every file of `step` against its `integrity.json` (size, then SHA-256) and returns the
+        step number; raises `CorruptCheckpointError` naming the step and the first damaged or missing
+        file. A step without a manifest (saved by an older zerojax) is accepted with a warning."""
+        step = self.resolve_step(step)
+        if step in self._verified:
+            return step
+        folder = os.path.join(self.directory, str(step))
+        path = os.path.join(folder, INTEGRITY)
+        fallback = self._fallback_hint(step)
+        if not os.path.exists(path):
+            warnings.warn(f"checkpoint step {step} in {self.directory} has no {INTEGRITY} (saved by an older "
+                          "zerojax): its files cannot be verified.", stacklevel=2)
+            self._verified.add(step)
+            return step
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+            expected = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: its file "
+                                         f"{INTEGRITY} is unreadable ({e}); {fallback}", step, INTEGRITY) from None
+        for name, (size, digest) in sorted(expected.items()):
+            file = os.path.join(folder, name)
+            if not os.path.isfile(file):
+                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: file {name} "
+                                             f"is missing; {fallback}", step, name)
+            found = os.path.getsize(file)
+            if found != size:
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory} is corrupt: file {name} has {found} bytes, "
+                    f"{size} were written (truncated or overwritten); {fallback}", step, name)
+            if _sha256(file) != digest:
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory} is corrupt: file {name} fails its SHA-256 "
+                    f"check (its bytes changed after the save); {fallback}", step, name)
+        self._verified.add(step)
+        return step
+
+    def _fallback_hint(self, step: int) -> str:
+        older = [s for s in self.all_steps() if s < step]
+        if not older:
+            return "no older step is left in the folder; start from scratch or restore from a copy."
+        return (f"restore an older step (step={older[-1]}; available {older}) or call "
+                "restore_latest_good(), which skips damaged steps.")
+
+    def restore_latest_good(self, target: ZeroPlan | TrainState, *, set_aside: bool = False) -> Restored:
+        """Restores the newest step that verifies and reads cleanly, warning about each newer step skipped
+        as corrupt; raises `CorruptCheckpointError` if none does. `set_aside=True` (writable manager
+        only) renames each skipped step's folder to `<step>.corrupt` (nothing is deleted) so that the
+        resumed run can save those steps again."""
+        if set_aside and self._read_only:
+            raise CheckpointError("restore_latest_good(set_aside=True) renames folders; open the manager "
+                                  "without read_only=True, or pass set_aside=False.")
+        skipped = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(target, step)
+            except CorruptCheckpointError as e:
+                skipped.append((step, e.file))
+                continue
+            if skipped:
+                moved = ""
+                if set_aside:
+                    if jax.process_index() == 0:
+                        for s, _ in skipped:
+                            os.rename(os.path.join(self.directory, str(s)), _aside(self.directory, s))
+                    if jax.process_count() > 1:
+                        multihost_utils.sync_global_devices(f"zerojax.set_aside:{self.directory}")
+                    self._mngr.reload()
+                    moved = " (their folders are renamed <step>.corrupt)"
+                warnings.warn(
+                    f"checkpoint {self.directory}: skipped corrupt step(s) "
+                    + ", ".join(f"{s} (file {f})" for s, f in skipped) + f"{moved}; restored step {step}.",
+                    stacklevel=2)
+            return restored
+        raise CorruptCheckpointError(f"checkpoint {self.directory}: every step is corrupt ("
+                                     + ", ".join(f"{s}: file {f}" for s, f in skipped)
+                                     + "); start from scratch or restore from a copy.",
+                                     skipped[-1][0] if skipped else -1, skipped[-1][1] if skipped else None)
 
     # --- restoring ----------------------------------------------------------------------------
     def restore(self, target: ZeroPlan | TrainState, step: int | str | None = "latest") -> Restored:
-        """The full training state of `step` on the shardings of `target`, with the run's metadata."""
-        step = self.resolve_step(step)
+        """The full training state of `step` on the shardings of `target`, with the run's metadata
+        (the step's files are verified first unless `verify_integrity=False`)."""
+        step = self._checked(step)
         meta = self.metadata(step)
         saved = self.saved_tensors(step)
         if "opt_state" not in saved:
@@ -332,7 +492,7 @@ class CheckpointManager:
     def restore_weights(self, target: ZeroPlan | TrainState, step: int | str | None = "latest") -> tuple[Any, Any]:
         """`(params, master)` of `step` on the target's shardings (master None for a target without one);
         works for `save_only_model` checkpoints too."""
-        step = self.resolve_step(step)
+        step = self._checked(step)
         saved = self.saved_tensors(step)
         abstract = _abstract(target)
         source = "master" if "master" in saved else "params"
@@ -353,26 +513,83 @@ class CheckpointManager:
 
     def lazy_weights(self, step: int | str | None = "latest") -> Any:
         """The step's full-precision weights (the master if saved, else the parameters) as a tree of
-        `LazyTensor`s: each reads its one tensor as numpy when called; nothing is read before."""
-        step = self.resolve_step(step)
+        `LazyTensor`s: each reads its one tensor as numpy when called; nothing but the checksums is
+        read before."""
+        step = self._checked(step)
         saved = self.saved_tensors(step)
         source = "master" if "master" in saved else "params"
         return jax.tree.map(lambda m: LazyTensor(self, step, saved, m.name, tuple(m.shape), np.dtype(m.dtype)),
                             saved[source])
 
+    def _checked(self, step: int | str | None) -> int:
+        step = self.resolve_step(step)
+        return self.verify(step) if self.options.verify_integrity else step
+
     def _read(self, step: int, item: dict, saved: dict) -> dict:
         _check_shapes(item, saved, self.directory, step)
         args = ocp.checkpoint_utils.construct_restore_args(item)
-        return self._mngr.restore(step, args=ocp.args.Composite(
-            **{STATE: ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=True)}))[STATE]
+        with _read_errors(self, step):
+            return self._mngr.restore(step, args=ocp.args.Composite(
+                **{STATE: ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=True)}))[STATE]
 
     def _read_numpy(self, step: int, saved: dict, name: str) -> np.ndarray:
         keys = name.split(".")
         branch = _branch(saved, keys)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), branch)
-        got = self._mngr.restore(step, args=ocp.args.Composite(
-            **{STATE: ocp.args.PyTreeRestore(branch, restore_args=args, partial_restore=True)}))[STATE]
+        with _read_errors(self, step):
+            got = self._mngr.restore(step, args=ocp.args.Composite(
+                **{STATE: ocp.args.PyTreeRestore(branch, restore_args=args, partial_restore=True)}))[STATE]
         return np.asarray(_pick(got, keys))
+
+
+# Read errors that mean damaged files: decode errors, and tensorstore's reports of unreadable data.
+DAMAGE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|[Ee]rror (reading|opening|decoding)|checksum")
+
+
+@contextlib.contextmanager
+def _write_errors(manager: CheckpointManager, step: int | None):
+    """An OSError or tensorstore write error while writing `step` (None: creating the folder) becomes one
+    `CheckpointWriteError` that says why and what to do; anything else passes unchanged."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as error:
+        code = getattr(error, "errno", None)
+        found = re.search(r"os_error_code='?(\d+)", str(error))
+        if code is None and found:
+            code = int(found.group(1))
+        if code is None and not isinstance(error, OSError):
+            raise
+        reason = os.strerror(code) if code else str(error)
+        what = "create the checkpoint folder" if step is None else f"write checkpoint step {step}"
+        steps = [] if step is None else manager.all_steps()
+        kept = f" (the steps already saved, {steps}, are intact)" if steps else ""
+        fix = {errno.ENOSPC: "free disk space or point the checkpoints at a larger disk",
+               errno.EROFS: "choose a writable output folder", errno.EACCES: "choose a folder you can write to",
+               errno.EDQUOT: "free quota or point the checkpoints at another disk"}.get(code, "check the folder and the disk")
+        raise CheckpointWriteError(f"cannot {what} in {manager.directory}: {reason}{kept}; {fix}.") from error
+
+
+@contextlib.contextmanager
+def _read_errors(manager: CheckpointManager, step: int):
+    """A read error that means damaged files (of a step without a usable manifest) becomes one
+    `CorruptCheckpointError` naming the step and, when the message has it, the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as error:
+        if not isinstance(error, (OSError, UnicodeDecodeError, json.JSONDecodeError)) and not DAMAGE.search(str(error)):
+            raise
+        found = re.search(r'file "([^"]+)"', str(error))
+        folder = os.path.join(manager.directory, str(step)) + os.sep
+        file = found.group(1).replace(folder, "") if found else None
+        where = f"file {file}" if file else "one of its files"
+        first = " ".join(str(error).split())[:200]
+        raise CorruptCheckpointError(
+            f"checkpoint step {step} in {manager.directory} is corrupt: reading {where} failed ({first}); "
+            f"{manager._fallback_hint(step)}", step, file) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,8 +621,16 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             f"step {step} in {manager.directory} has no hf_config in its metadata, so the Hugging Face model "
             "is unknown; save with CheckpointManager.save(..., hf_config=<the model's config dict>)."
         )
-    return export_hf(manager.lazy_weights(step), hf_config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-                     overwrite=overwrite, progress=progress)
+    try:
+        return export_hf(manager.lazy_weights(step), hf_config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
+                         overwrite=overwrite, progress=progress)
+    except FileExistsError:
+        raise
+    except OSError as e:  # the partial folder is already removed; the checkpoint is untouched
+        fix = {errno.ENOSPC: "free disk space or export to a larger disk",
+               errno.EROFS: "choose a writable output folder"}.get(e.errno, "choose another output folder")
+        raise CheckpointWriteError(f"cannot export step {step} to {out_dir}: {e.strerror or e} "
+                                   f"({e.filename or 'writing the safetensors'}); {fix}; nothing was left behind.") from e
 
 
 def save_model(state: TrainState, hf_config: dict, out_dir: str | os.PathLike, *, dtype: str = "bf16",
@@ -500,6 +725,31 @@ def _pick(tree, keys: list[str]):
     for k in keys:
         tree = tree[int(k)] if isinstance(tree, list) else tree[k]
     return tree
+
+
+def _aside(directory: str, step: int) -> str:
+    """A new name `<step>.corrupt[.N]` for a corrupt step's folder (an existing one is never replaced)."""
+    name, n = os.path.join(directory, f"{step}.corrupt"), 1
+    while os.path.exists(name):
+        name, n = os.path.join(directory, f"{step}.corrupt.{n}"), n + 1
+    return name
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checksums(folder: str) -> dict[str, list]:
+    """`{relative path: [size, sha256]}` of every file under `folder` but those in `UNCHECKED`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel not in UNCHECKED:
+                out[rel] = [os.path.getsize(path), _sha256(path)]
+    return out
 
 
 def _jsonable(name: str, value: Any) -> Any:

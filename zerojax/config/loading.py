@@ -50,7 +50,8 @@ def read_file(path: Path) -> tuple[dict, dict]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read the config file {str(path)!r}: {e.strerror or e}.") from None
+        raise ConfigError(f"cannot read the config file {str(path)!r}: {e.strerror or e}; check the path "
+                          "(pass a ds_config.json file, or a dict).") from None
     except UnicodeDecodeError:
         raise ConfigError(f"the config file {str(path)!r} is not UTF-8 text; a DeepSpeed config is JSON.") from None
     if path.suffix.lower() in YAML_SUFFIXES:
