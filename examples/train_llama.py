@@ -26,7 +26,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.experimental.multihost_utils import process_allgather  # noqa: E402
+from jax.experimental.multihost_utils import process_allgather, sync_global_devices  # noqa: E402
 
 from zerojax import distributed  # noqa: E402
 from zerojax.args import TrainingArguments  # noqa: E402
@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1, help="per device (train_micro_batch_size_per_gpu)")
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the latest checkpoint in --output-dir (its hf/ export is then rewritten)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty --output-dir first")
     return p.parse_args(argv)
 
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
             print(f"train_llama: --output-dir {out_dir} is not empty; pass --resume to continue its run or "
                   "--overwrite to start afresh.", file=sys.stderr)
             return 2
-        shutil.rmtree(out_dir)
+        if jax.process_index() == 0:
+            shutil.rmtree(out_dir)
+        sync_global_devices("train_llama: output dir cleared")
     hf_config = read_config(opts.init_from) if opts.init_from else DEMO_CONFIG
     train, evaluation = text_dataset(opts.corpus, opts.seq_len + 1, stride=opts.seq_len // 4)
     args = TrainingArguments(

@@ -368,17 +368,13 @@ def _hf_cases() -> list[Case]:
     return [
         Case("load_pretrained", "missing folder", lambda d: load_pretrained(f"{d}/nope", plan_for(TINY))),
         Case("load_pretrained", "wrong shape (config disagrees with tensors)", wrong_shape),
-        Case("load_pretrained", "missing safetensors file", missing_tensor,
-             note="safetensors' own message; proposed (zerojax/hf/load.py): check every file of the weight map "
-                  "exists first and name the index that lists it."),
+        Case("load_pretrained", "missing safetensors file", missing_tensor),
         Case("load_pretrained", "wrong dtype ('int8')", wrong_dtype),
         Case("load_pretrained", "only a pickle checkpoint (pytorch_model.bin)", pickle_only),
         Case("export_hf", "wrong shape (hf_config of another size)", config_mismatch),
         Case("export_hf", "wrong dtype ('fp8')", lambda d: export_hf(params(), TINY, f"{d}/hf", dtype="fp8")),
         Case("export_hf", "output folder not empty", exists),
-        Case("export_hf", "full disk (64 KiB tmpfs)", full_disk, needs_tmpfs=True,
-             note="the partial folder is removed, but the OSError is raw; proposed (zerojax/hf/export.py): re-raise "
-                  "OSError naming out_dir and the fix, as export_checkpoint (zerojax export) now does."),
+        Case("export_hf", "full disk (64 KiB tmpfs)", full_disk, needs_tmpfs=True),
     ]
 
 
@@ -404,8 +400,7 @@ def _core_cases() -> list[Case]:
         Case("ZeroRules", "wrong stage (4)", lambda d: zj.ZeroRules(zj.make_mesh(), stage=4)),
         Case("Precision", "wrong dtype ('fp8')", lambda d: zj.Precision(compute_dtype="fp8")),
         Case("make_plan", "wrong type (params a string)",
-             lambda d: zj.make_plan("weights", optax.sgd(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3)),
-             note="proposed (zerojax/plan.py): check that every leaf has shape and dtype, naming the leaf."),
+             lambda d: zj.make_plan("weights", optax.sgd(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3))),
         Case("init_state", "wrong shape (params of another model)",
              lambda d: zj.init_state(dict(T.init_params(), head=np.zeros((8, 8), np.float32)), _plan())),
         Case("train step", "indivisible batch (12 on 8 devices)", step_with(lambda: tokens(12))),
@@ -462,9 +457,7 @@ def _trainer_cases() -> list[Case]:
         Case("Trainer", "indivisible batch (train_batch_size 10 on 8 devices)",
              lambda d: make(d, config={"train_batch_size": 10, "zero_optimization": {"stage": 3}})),
         Case("Trainer", "wrong type (stage 'three')", lambda d: make(d, config={"zero_optimization": {"stage": "three"}})),
-        Case("Trainer", "wrong dtype (dataset of floats)", float_dataset,
-             note="proposed (zerojax/data.py Batches): refuse a non-integer token array, e.g. 'train_dataset has "
-                  "dtype float32; token ids must be integers'."),
+        Case("Trainer", "wrong dtype (dataset of floats)", float_dataset),
         Case("Trainer.train", "resume with no checkpoint", resume_missing),
         Case("Trainer.train", "resume from a corrupt checkpoint", resume_corrupt),
         Case("Trainer.train", "unwritable output folder (read-only fs)", unwritable, needs_tmpfs=True),

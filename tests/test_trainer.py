@@ -98,3 +98,13 @@ def test_consecutive_non_finite_steps_stop_training(data):
     with pytest.raises(FloatingPointError, match="3 steps in a row"):
         t.train()
     assert int(t.state.skipped) == 3 and int(t.state.step) == 3
+
+
+def test_existing_checkpoints_need_resume_and_float_tokens_are_refused(data, tmp_path):
+    first = trainer(data, ZERO(1), output_dir=str(tmp_path), steps=4)
+    first.train()
+    second = trainer(data, ZERO(1), output_dir=str(tmp_path), steps=4)
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*resume_from_checkpoint=True"):
+        second.train()
+    with pytest.raises(TypeError, match="train_dataset has dtype float32.*integer token ids"):
+        trainer((data[0].astype(np.float32), data[1]), ZERO(1))

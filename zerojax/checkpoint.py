@@ -627,10 +627,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     except FileExistsError:
         raise
     except OSError as e:  # the partial folder is already removed; the checkpoint is untouched
-        fix = {errno.ENOSPC: "free disk space or export to a larger disk",
-               errno.EROFS: "choose a writable output folder"}.get(e.errno, "choose another output folder")
-        raise CheckpointWriteError(f"cannot export step {step} to {out_dir}: {e.strerror or e} "
-                                   f"({e.filename or 'writing the safetensors'}); {fix}; nothing was left behind.") from e
+        raise CheckpointWriteError(f"cannot export step {step}: {e}") from e
 
 
 def save_model(state: TrainState, hf_config: dict, out_dir: str | os.PathLike, *, dtype: str = "bf16",

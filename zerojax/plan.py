@@ -121,6 +121,12 @@ def make_plan(
     them one layer at a time with `zerojax.gather_on_use` inside its scan. `offload` keeps optimizer
     state (and, at stage 3, parameter shards) in host memory between steps.
     """
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(
+                f"make_plan: parameter {jax.tree_util.keystr(path) or 'params'} is a {type(x).__name__}, not an "
+                "array; pass the parameter pytree (arrays or jax.ShapeDtypeStruct), e.g. nnx.split(model, nnx.Param)[1]."
+            )
     offload = (offload or Offload()).resolved(rules.mesh.devices.flat[0])
     if offload.params is not None and rules.stage != 3:
         raise ValueError(

@@ -90,6 +90,14 @@ class Trainer:
         devices = list(devices or jax.devices())
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.hf_config = hf_config
+        if loss_fn is None:
+            for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                for column in (data.values() if isinstance(data, dict) else [data] if data is not None else []):
+                    if not np.issubdtype(np.asarray(column).dtype, np.integer):
+                        raise TypeError(
+                            f"Trainer: {name} has dtype {np.asarray(column).dtype}; the language-model loss needs "
+                            "integer token ids (e.g. zerojax.data.text_dataset), or pass your own loss_fn."
+                        )
         size = len(next(iter(train_dataset.values()))) if isinstance(train_dataset, dict) else len(train_dataset)
         self.args = dataclasses.replace(args, train_dataset_size=size)
         config = self.args.deepspeed if self.args.deepspeed is not None else DEFAULT_CONFIG
@@ -149,17 +157,30 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def train(self, resume_from_checkpoint: bool | int | str | None = None) -> TrainOutput:
-        """Runs to `total_steps`; `resume_from_checkpoint` True/"latest"/a step resumes from output_dir.
+        """Runs to `total_steps`; `resume_from_checkpoint` True/"latest"/a step resumes from output_dir,
+        `"latest_good"` from the newest step that passes its integrity check (corrupt ones set aside).
 
         SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns with
-        `interrupted=True`.
+        `interrupted=True`. An output_dir that already holds checkpoints needs a resume: two runs are
+        never mixed in one folder.
         """
         manager = self._checkpoints()
-        if resume_from_checkpoint not in (None, False):
-            if manager is None:
-                raise ValueError("Trainer.train: resume_from_checkpoint needs TrainingArguments.output_dir.")
+        resume = resume_from_checkpoint not in (None, False)
+        if resume and manager is None:
+            raise ValueError("Trainer.train: resume_from_checkpoint needs TrainingArguments.output_dir.")
+        if not resume and manager is not None and manager.all_steps():
+            manager.close()
+            raise FileExistsError(
+                f"Trainer.train: {self.output_dir / 'checkpoints'} already holds checkpoints (steps "
+                f"{manager.all_steps()[-3:]}...); pass resume_from_checkpoint=True to continue that run, or "
+                "choose a new output_dir."
+            )
+        if resume:
             step = "latest" if resume_from_checkpoint is True else resume_from_checkpoint
-            self.state = manager.restore(self.plan, step).state
+            if step == "latest_good":
+                self.state = manager.restore_latest_good(self.plan, set_aside=True).state
+            else:
+                self.state = manager.restore(self.plan, step).state
         args, total = self.args, self.total_steps
         every = lambda n, s: bool(n) and n > 0 and (s + 1) % int(n) == 0
         tokens = self.config.train_batch_size * int(np.prod(np.shape(self.train_batches.batch(0)[self.train_batches.key])[1:]))

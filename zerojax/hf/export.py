@@ -39,6 +39,13 @@ from zerojax.precision import dtype_of
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+class ExportWriteError(OSError):
+    """The export folder could not be written (full disk, read-only file system); `errno` is kept."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def export_hf(
     params: Any,
     hf_config: dict,
@@ -93,6 +100,12 @@ def export_hf(
             }
             (tmp / files.INDEX).write_text(json.dumps(index, indent=2) + "\n")
             _replace(tmp, out_dir)
+    except OSError as e:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportWriteError(e.errno, f"export_hf: cannot write the export of {str(out_dir)!r}: "
+                                        f"{e.strerror or e}; free disk space or choose a writable folder "
+                                        "(nothing was left behind).") from e
     except BaseException:
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -83,6 +83,12 @@ def load_pretrained(
         )
     tensors = expand(tensor_map, {p: shapes[p] for p in by_path})
     wmap = files.weight_map(hf_dir)
+    absent = sorted({f for f in wmap.values() if not (hf_dir / f).is_file()})
+    if absent:
+        raise FileNotFoundError(
+            f"load_pretrained: the weight files {absent} of {hf_dir} are missing; pass a complete "
+            "checkpoint folder."
+        )
     names = _match_names(tensors, wmap, config, hf_dir)
 
     with contextlib.ExitStack() as stack:
