@@ -111,3 +111,19 @@ def test_architectures_pick_the_model_and_remat_is_checked():
     assert type(nnx.eval_shape(lambda: models.from_hf_config(config))) is models.gpt2.GPT2
     with pytest.raises(ValueError, match=r"remat='dots' is not a rematerialisation policy.*dots_saveable"):
         models.from_hf_config(config, remat="dots")
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_query_blocked_attention_equals_whole_attention(imported, name, monkeypatch):
+    from zerojax.models import layers
+
+    config, params = imported[name]
+    graphdef, _ = models.abstract_model(config)
+    ids = jnp.asarray(hf_tiny.token_ids(batch=2, length=16, seed=5))
+    mask = jnp.ones_like(ids).at[1, 11:].set(0)
+    loss_fn = models.causal_lm_loss(graphdef)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    whole = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 4)  # 16 queries in 4 blocks (mistral: window 5 spans blocks)
+    blocked = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), whole, blocked)
