@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="resume from the latest checkpoint in --output-dir (its hf/ export is then rewritten)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty --output-dir first")
+    p.add_argument("--plot", action="store_true", help="write OUTPUT_DIR/loss.png (needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     final = trainer.evaluate()["eval_loss"]
     say(json.dumps({"initial_eval_loss": round(initial, 4), "final_eval_loss": round(final, 4),
                     "steps": int(trainer.state.step), "interrupted": bool(result and result.interrupted)}))
+    if opts.plot and jax.process_index() == 0:
+        say(f"zerojax: loss curve in {trainer.plot_loss(out_dir / 'loss.png')}")
     if result is not None and result.interrupted:
         return 0
     out = trainer.save_model(out_dir / "hf", dtype="fp32", overwrite=opts.resume)

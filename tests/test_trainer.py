@@ -64,6 +64,10 @@ def test_every_stage_trains_the_same_curve(data, stage0_curve, config):
     np.testing.assert_allclose(curve(t), ref, rtol=1e-5)
     np.testing.assert_allclose(t.evaluate()["eval_loss"], ref_eval, rtol=1e-5)
     assert ref[-1] < ref[0]
+    lrs = [r["learning_rate"] for r in t.history if "learning_rate" in r]
+    # WarmupDecayLR as DeepSpeed steps it (log warmup over 2 steps, each step runs at the previous
+    # iteration's value): 0, 0, then the peak, then a linear decay.
+    assert lrs[:2] == [0, 0] and lrs[2] == pytest.approx(3e-3) and 0 < lrs[-1] < lrs[2]
 
 
 def test_sigterm_checkpoints_and_resume_reaches_the_same_loss(data, stage0_curve, tmp_path):
@@ -108,3 +112,10 @@ def test_existing_checkpoints_need_resume_and_float_tokens_are_refused(data, tmp
         second.train()
     with pytest.raises(TypeError, match="train_dataset has dtype float32.*integer token ids"):
         trainer((data[0].astype(np.float32), data[1]), ZERO(1))
+
+
+def test_loss_curve_png(data, tmp_path):
+    t = trainer(data, ZERO(0), steps=4)
+    t.train()
+    png = t.plot_loss(tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -49,6 +49,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from zerojax.hf import export_hf
 from zerojax.plan import TrainState, ZeroPlan
+from zerojax.rules import path_key
 
 STATE = "state"
 META = "meta"
@@ -672,13 +673,7 @@ def _weights(weights, abstract: TrainState) -> tuple[Any, Any]:
 
 
 def _dotted(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return ".".join(parts)
+    return ".".join(str(k) for k in path_key(path))
 
 
 def _check_shapes(item: dict, saved: dict, directory: str, step: int) -> None:

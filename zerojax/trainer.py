@@ -201,14 +201,16 @@ class Trainer:
                     loss = float(out["loss"])
                     elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                     rate = tokens * (s + 1 - last) / max(elapsed, 1e-9)
-                    record = {"step": s + 1, "loss": loss, "grad_norm": float(out["grad_norm"]),
-                              "skipped": int(self.state.skipped), "tokens_per_s": round(rate, 1)}
+                    record = {"step": s + 1, "loss": loss, "learning_rate": learning_rate(self.state),
+                              "grad_norm": float(out["grad_norm"]), "skipped": int(self.state.skipped),
+                              "tokens_per_s": round(rate, 1)}
                     last = s + 1
                     memory = device_memory()
                     if memory is not None:
                         record["device_memory_gib"] = memory
                     self._log(record)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}", **({"mem_gib": memory} if memory else {}))
                 if self.eval_batches is not None and (every(args.eval_steps, s) or s + 1 == total):
                     metrics = self.evaluate()
                     self._log({"step": s + 1, **metrics})
@@ -226,6 +228,28 @@ class Trainer:
             manager.close()
         return TrainOutput(int(self.state.step), loss, metrics, interrupted)
 
+    def plot_loss(self, path: str | os.PathLike) -> Path:
+        """Writes the training (and evaluation) loss curve of this run to a PNG file (needs matplotlib)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from matplotlib import pyplot as plt
+        except ImportError:
+            raise ImportError("Trainer.plot_loss needs matplotlib: pip install matplotlib (or '.[test]').") from None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+            points = [(r["step"], r[key]) for r in self.history if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return Path(path)
+
     def save_model(self, out_dir: str | os.PathLike | None = None, *, dtype: str | None = None,
                    overwrite: bool = False) -> Path:
         """Writes the model as a Hugging Face folder (default `output_dir/hf`), 16-bit when training was;
@@ -236,6 +260,12 @@ class Trainer:
         dtype = dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(self.plan.precision.compute_dtype.name, "fp32")
         save_model(self.state, self.hf_config, out, dtype=dtype, overwrite=overwrite)
         return out
+
+
+def learning_rate(state: TrainState) -> float:
+    """The learning rate of the step just taken (optax's injected hyperparameter), NaN if not injected."""
+    lr = (getattr(state.opt_state, "hyperparams", None) or {}).get("learning_rate")
+    return float("nan") if lr is None else float(np.asarray(lr))
 
 
 def device_memory() -> float | None:
