@@ -310,3 +310,18 @@ def test_initialize_joins_a_slurm_job_through_jax_cluster_detection():
             p.wait()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert [out.splitlines()[-1] for out, _ in outs] == [f"{i} 2 SlurmCluster 2 3.0" for i in range(2)]
+
+
+def test_signal_that_every_process_survives_cleanly_exits_zero():
+    clean = WAIT_FOR_SIGNALS.replace("sys.exit(3)", "sys.exit(0)")
+    proc = subprocess.Popen([*LAUNCH, "--nproc", "2", "--", sys.executable, "-c", clean],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        Lines(proc).wait_for("ready", 2, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rc == 0, "a preempted run whose processes all checkpointed and exited 0 succeeded"
+    assert "every process exited cleanly" in proc.stderr.read()

@@ -77,7 +77,10 @@ class LaunchResult:
 
     @property
     def exit_code(self) -> int:
-        """0 on success; the failed rank's status (128 + signal if killed), 124 on timeout, 128 + signal."""
+        """0 on success, also when a forwarded signal let every process exit cleanly (a preempted run that
+        checkpointed); the failed rank's status (128 + signal if killed), 124 on timeout, else 128 + signal."""
+        if self.reason == "signal" and all(rc == 0 for rc in self.returncodes):
+            return 0
         if self.reason == "failed":
             rc = self.returncodes[self.failed_rank]
             return rc if rc > 0 else 128 - rc
@@ -92,7 +95,8 @@ class LaunchResult:
         if self.reason == "timeout":
             return "the run passed its --timeout; all processes were stopped"
         if self.reason == "signal":
-            return f"received {signal.Signals(self.signum).name}; forwarded it to all processes"
+            clean = "; every process exited cleanly" if all(rc == 0 for rc in self.returncodes) else ""
+            return f"received {signal.Signals(self.signum).name}; forwarded it to all processes{clean}"
         return f"all {len(self.returncodes)} processes exited successfully"
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
 from tqdm.auto import tqdm
 
 from zerojax.args import TrainingArguments
@@ -67,6 +68,12 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: every process stops at the same step boundary."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(process_allgather(np.int32(self.requested))))
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
@@ -214,10 +221,11 @@ class Trainer:
                 if self.eval_batches is not None and (every(args.eval_steps, s) or s + 1 == total):
                     metrics = self.evaluate()
                     self._log({"step": s + 1, **metrics})
-                if manager is not None and (every(args.save_steps, s) or s + 1 == total or stop.requested):
+                stopping = stop.agreed()
+                if manager is not None and (every(args.save_steps, s) or s + 1 == total or stopping):
                     self._save(manager, metrics if manager.options.metric_for_best_model else None)
                 bar.update(1)
-                if stop.requested:
+                if stopping:
                     interrupted = True
                     break
         bar.close()
