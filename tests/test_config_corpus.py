@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import optax
 import pytest
 
 import zerojax as zj
@@ -181,9 +182,8 @@ def test_corpus_config_builds_a_plan_on_8_devices(name):
     cfg, _ = _load(name, case)
     mesh = zj.make_mesh(**cfg.mesh_shape(8))
     params = {"w": np.ones((16, 8), np.float32)}
-    tx = cfg.optimizer(total_steps=100) if (cfg.optimizer_spec or cfg.training_args) else None
-    if tx is None:
-        pytest.skip("no optimizer block and no TrainingArguments: the user brings the optimizer")
+    # Without an optimizer block or TrainingArguments the user brings the optimizer: plain SGD here.
+    tx = cfg.optimizer(total_steps=100) if (cfg.optimizer_spec or cfg.training_args) else optax.sgd(1e-3)
     plan = zj.make_plan(params, tx, cfg.zero_rules(mesh), cfg.precision())
     assert plan.rules.stage == cfg.stage
     assert plan.precision == cfg.precision()
