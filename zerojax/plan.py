@@ -42,28 +42,24 @@ class ZeroPlan:
     param_layouts: Any
     opt_layouts: Any
     abstract_params: Any  # ShapeDtypeStructs of the compute copy
-    scanned: tuple[tuple, ...] = ()  # path prefixes of stacked layers the model gathers itself
     offload: Offload = Offload()
 
     @property
     def mesh(self):
         return self.rules.mesh
 
-    def _tree(self, layouts, which):
-        return self.rules.shardings(layouts, which)
-
     @property
     def param_shardings(self) -> Any:
-        return self._tree(self.param_layouts, "param")
+        return self.rules.shardings(self.param_layouts, "param")
 
     @property
     def grad_shardings(self) -> Any:
         """Shardings of the reduced gradient handed to the optimizer (the optimizer-state layout)."""
-        return self._tree(self.param_layouts, "opt")
+        return self.rules.shardings(self.param_layouts, "opt")
 
     @property
     def opt_state_shardings(self) -> Any:
-        return self._tree(self.opt_layouts, "opt")
+        return self.rules.shardings(self.opt_layouts, "opt")
 
     @functools.cached_property
     def host_optimizer_leaves(self) -> tuple[Any, Any]:
@@ -139,7 +135,7 @@ def make_plan(
     layouts = rules.layouts(compute, base_specs, scanned)
     opt_state = jax.eval_shape(tx.init, master)
     opt_layouts = rules.opt_state_layouts(opt_state, master, layouts)
-    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, compute, scanned, offload)
+    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, compute, offload)
 
 
 def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
