@@ -51,6 +51,11 @@ def text_dataset(path: str | Path, length: int, *, eval_fraction: float = 0.1, s
     return windows(tokens[:cut], length, stride), windows(tokens[cut:], length, stride)
 
 
+def num_examples(dataset: Any) -> int:
+    """The number of examples N of a dataset: an `(N, ...)` array or a dict of such arrays."""
+    return len(next(iter(dataset.values()))) if isinstance(dataset, dict) else len(dataset)
+
+
 @dataclasses.dataclass(frozen=True)
 class Batches:
     """Global batches of `batch_size` examples from `dataset`, reshuffled every epoch by `seed`."""
@@ -71,7 +76,7 @@ class Batches:
 
     @property
     def num_examples(self) -> int:
-        return len(next(iter(self._columns().values())))
+        return num_examples(self.dataset)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from zerojax.args import TrainingArguments
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
 from zerojax.config import load_config
-from zerojax.data import Batches
+from zerojax.data import Batches, num_examples
 from zerojax.mesh import make_mesh
 from zerojax.models import causal_lm_loss, stacked_layers
 from zerojax.plan import TrainState, init_state, make_plan
@@ -105,8 +105,7 @@ class Trainer:
                             f"Trainer: {name} has dtype {np.asarray(column).dtype}; the language-model loss needs "
                             "integer token ids (e.g. zerojax.data.text_dataset), or pass your own loss_fn."
                         )
-        size = len(next(iter(train_dataset.values()))) if isinstance(train_dataset, dict) else len(train_dataset)
-        self.args = dataclasses.replace(args, train_dataset_size=size)
+        self.args = dataclasses.replace(args, train_dataset_size=num_examples(train_dataset))
         config = self.args.deepspeed if self.args.deepspeed is not None else DEFAULT_CONFIG
         self.config = load_config(config, training_args=self.args, model_config=hf_config, world_size=len(devices))
         self.mesh = make_mesh(devices=devices, **self.config.mesh_shape(len(devices)))
@@ -126,7 +125,7 @@ class Trainer:
         self.eval_batches = None
         if eval_dataset is not None:
             ranks = self.plan.rules.data_size
-            size = len(next(iter(eval_dataset.values()))) if isinstance(eval_dataset, dict) else len(eval_dataset)
+            size = num_examples(eval_dataset)
             per_eval = min(self.args.per_device_eval_batch_size * ranks, size // ranks * ranks)
             self.eval_batches = Batches(eval_dataset, per_eval, shuffle=False)
         self.max_consecutive_skips = max_consecutive_skips
