@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="resume from the latest checkpoint in --output-dir (its hf/ export is then rewritten)")
     p.add_argument("--overwrite", action="store_true", help="delete a non-empty --output-dir first")
     p.add_argument("--plot", action="store_true", help="write OUTPUT_DIR/loss.png (needs matplotlib)")
+    p.add_argument("--device-memory", help='bytes per device a zero_optimization.stage "auto" must fit, e.g. 2GB '
+                   "(default: the device's own limit; CPU devices report none)")
     return p.parse_args(argv)
 
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     )
     with nnx.use_eager_sharding(False):
         model = from_hf_config(hf_config, seed=0)
-    trainer = Trainer(model, args, train, evaluation, hf_config=hf_config)
+    trainer = Trainer(model, args, train, evaluation, hf_config=hf_config, device_memory=opts.device_memory)
     if opts.init_from:
         params = load_pretrained(opts.init_from, trainer.plan.param_shardings, dtype="fp32")
         trainer.state = trainer.state._replace(params=params) if trainer.state.master is None else \

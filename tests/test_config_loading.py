@@ -454,3 +454,31 @@ def test_mutated_real_configs_load_or_raise_config_error(data, with_args):
     cfg.precision()
     if cfg.optimizer_spec is not None:
         cfg.optimizer(total_steps=10)
+
+
+# --- stage "auto" ---------------------------------------------------------------------------------------------
+
+def test_stage_auto_lists_the_options_the_config_allows_and_resolves_by_with_stage():
+    auto = lambda **zero: load_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": "auto", **zero}},
+                                      world_size=8)
+    assert auto().stage_options() == zj.config.AUTO_ORDER
+    assert auto(offload_optimizer={"device": "cpu"}).stage_options() == ((2, True, False), (3, True, False), (3, True, True))
+    assert auto(offload_param={"device": "cpu"}).stage_options() == ((3, True, True),)
+    assert [o[0] for o in auto(zero_hpz_partition_size=4).stage_options()] == [3, 3, 3]
+    assert [o[0] for o in auto(offload_optimizer={"device": "cpu", "ratio": 0.5}).stage_options()] == [3, 3]
+    assert min(o[0] for o in auto(mics_shard_size=4).stage_options()) == 1
+    assert load_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}).stage_options() == (
+        (2, False, False),)
+    # hidden-size "auto" values resolve as at stage 3, and the stage-3 XLA flags are used
+    cfg = load_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": "auto", "stage3_param_persistence_threshold": "auto", "overlap_comm": False}}, model_config={"hidden_size": 64})
+    assert cfg.zero_optimization.stage3_param_persistence_threshold == 640
+    assert "--xla_gpu_enable_latency_hiding_scheduler=false" in cfg.xla_flags()
+    with pytest.raises(ConfigError, match=r'zero_optimization.stage is "auto".*config.with_stage'):
+        cfg.zero_rules(zj.make_mesh())
+    resolved = cfg.with_stage(3, offload_optimizer=True)
+    assert (resolved.stage, resolved.offload_optimizer.enabled, resolved.offload_param.enabled) == (3, True, False)
+    assert resolved.zero_optimization.stage3_param_persistence_threshold == 640
+    assert resolved.zero_rules(zj.make_mesh()).stage == 3
+    with pytest.raises(ConfigError, match=r"hpZ\) needs stage 3, but stage=1"):
+        auto(zero_hpz_partition_size=4).with_stage(1)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from zerojax.args import TrainingArguments
+from zerojax.config import ConfigError
+from zerojax.estimate import compile_train_step
+from zerojax.mesh import DATA_AXES
 from zerojax.data import text_dataset
 from zerojax.models import from_hf_config
 from zerojax.trainer import Trainer
@@ -33,13 +38,13 @@ def data():
     return text_dataset(CORPUS, 17, stride=8)
 
 
-def trainer(data, config, output_dir=None, steps=8, **kw):
+def trainer(data, config, output_dir=None, steps=8, device_memory=None, **kw):
     with nnx.use_eager_sharding(False):
         model = from_hf_config(TINY, seed=0)
     args = TrainingArguments(output_dir=output_dir, deepspeed=copy.deepcopy(config), per_device_train_batch_size=1,
                              gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01, max_steps=steps,
                              warmup_steps=2, logging_steps=1, save_steps=4, eval_steps=4, **kw)
-    return Trainer(model, args, data[0], data[1], hf_config=TINY)
+    return Trainer(model, args, data[0], data[1], hf_config=TINY, device_memory=device_memory)
 
 
 def curve(t: Trainer) -> list[float]:
@@ -68,6 +73,31 @@ def test_every_stage_trains_the_same_curve(data, stage0_curve, config):
     # WarmupDecayLR as DeepSpeed steps it (log warmup over 2 steps, each step runs at the previous
     # iteration's value): 0, 0, then the peak, then a linear decay.
     assert lrs[:2] == [0, 0] and lrs[2] == pytest.approx(3e-3) and 0 < lrs[-1] < lrs[2]
+
+
+def compiled_peak(t: Trainer) -> int:
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(t.mesh, P(DATA_AXES))),
+                         t.train_batches.batch(0))
+    return compile_train_step(t.train_step, t.plan, batch).peak_bytes
+
+
+def test_stage_auto_takes_the_cheapest_option_whose_compiled_step_fits(data, stage0_curve, capsys):
+    """`stage: "auto"` compiles the Trainer's own step per option: with the memory stage 0 needs it keeps
+    stage 0; one byte less moves it to a higher stage whose step fits, which trains the same curve."""
+    peak0 = compiled_peak(trainer(data, ZERO(0)))
+    assert trainer(data, ZERO("auto"), device_memory=peak0).config.stage == 0
+    t = trainer(data, ZERO("auto"), device_memory=peak0 - 1)
+    assert t.config.stage > 0 and t.config.to_dict()["zero_optimization"]["stage"] == t.config.stage
+    assert compiled_peak(t) <= peak0 - 1
+    assert f"stage {t.config.stage}" in capsys.readouterr().out.splitlines()[-1]
+    t.train()
+    np.testing.assert_allclose(curve(t), stage0_curve[0], rtol=1e-5)
+    with pytest.raises(ConfigError, match=r'no option fits device_memory=0\.000 GiB .*stage 3 \+ offload optimizer and params'):
+        trainer(data, ZERO("auto", offload_param={"device": "cpu"}), device_memory=1000)  # the one option left
+    with pytest.raises(ConfigError, match=r"cpu devices report no memory limit; pass Trainer\(\.\.\., device_memory="):
+        trainer(data, ZERO("auto"))
+    with_offload = trainer(data, ZERO("auto", offload_optimizer={"device": "cpu"}), device_memory=peak0)
+    assert (with_offload.config.stage, with_offload.config.offload_optimizer.enabled) == (2, True)
 
 
 def test_sigterm_checkpoints_and_resume_reaches_the_same_loss(data, stage0_curve, tmp_path):

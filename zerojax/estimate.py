@@ -49,11 +49,6 @@ PRESETS: dict[str, dict] = {
                 "n_head": 25},
 }
 
-# Cheapest first, as the Hugging Face DeepSpeed guide ranks speed: 0 > 1 > 2 > 2+offload > 3 > 3+offload.
-AUTO_ORDER: tuple[tuple[int, bool, bool], ...] = (
-    (0, False, False), (1, False, False), (2, False, False), (2, True, False),
-    (3, False, False), (3, True, False), (3, True, True),
-)
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -537,32 +532,42 @@ def estimate(
 
 
 def compile_step(graphdef, plan, seq: int, micro_batch: int) -> Compiled:
-    """Lowers and compiles the train step for `plan` ahead of time and reads its memory and collectives."""
-    import time
-
+    """Lowers and compiles the bundled model's train step for `plan` ahead of time (a batch of
+    `micro_batch` sequences of `seq` tokens per device) and reads its memory and collectives."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import zerojax as zj
     from zerojax.models import causal_lm_loss
+
+    sharding = NamedSharding(plan.mesh, P(zj.DATA_AXES))
+    batch = {"input_ids": jax.ShapeDtypeStruct((micro_batch * plan.rules.data_size, seq), jnp.int32, sharding=sharding)}
+    return compile_train_step(zj.make_train_step(causal_lm_loss(graphdef), plan), plan, batch)
+
+
+def compile_train_step(step, plan, batch) -> Compiled:
+    """Lowers and compiles `step` (from `make_train_step` for `plan`) ahead of time for `batch` (a pytree
+    of ShapeDtypeStructs with shardings) and reads its memory and collectives; nothing is allocated."""
+    import time
+
+    import jax
+
     from zerojax.report import memory_report
 
-    n = plan.rules.data_size
-    sharding = NamedSharding(plan.mesh, P(zj.DATA_AXES))
-    batch = {"input_ids": jax.ShapeDtypeStruct((micro_batch * n, seq), jnp.int32, sharding=sharding)}
-    step = zj.make_train_step(causal_lm_loss(graphdef), plan)
     start = time.perf_counter()
     lowered = step.lower(plan.abstract_state(), batch)
     lowered_text = lowered.as_text()
     exe = lowered.compile()
     seconds = time.perf_counter() - start
     stats = exe.memory_analysis()
+    n = plan.rules.data_size
     return Compiled(
         argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
         alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
         host_argument_bytes=stats.host_argument_size_in_bytes, host_temp_bytes=stats.host_temp_size_in_bytes,
-        host_state_bytes=memory_report(plan).host_bytes, batch_bytes=micro_batch * seq * 4,
+        host_state_bytes=memory_report(plan).host_bytes,
+        batch_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // n,
         lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=compiled_collectives(exe.as_text()),
         seconds=seconds,
     )
@@ -580,6 +585,8 @@ def choose_stage(
 ) -> StageEstimate:
     """`zero_optimization.stage: "auto"`: the first option of `AUTO_ORDER` (lowest stage, then offload)
     whose peak bytes per device fit `device_memory`; raises ValueError naming the smallest peak if none does."""
+    from zerojax.config import AUTO_ORDER
+
     tried = []
     for stage, opt, param in AUTO_ORDER:
         est = estimate(hf_config, devices, stage, seq=seq, micro_batch=micro_batch, offload_optimizer=opt,
@@ -596,9 +603,14 @@ def choose_stage(
     )
 
 
+def option_name(stage: int, offload_optimizer: bool, offload_param: bool) -> str:
+    """E.g. 'stage 3 + offload optimizer and params to cpu'."""
+    offload = [name for name, on in (("optimizer", offload_optimizer), ("params", offload_param)) if on]
+    return f"stage {stage}" + (f" + offload {' and '.join(offload)} to cpu" if offload else "")
+
+
 def describe_option(e: StageEstimate) -> str:
-    offload = [name for name, on in (("optimizer", e.offload_optimizer), ("params", e.offload_param)) if on]
-    return f"stage {e.stage}" + (f" + offload {' and '.join(offload)} to cpu" if offload else "")
+    return option_name(e.stage, e.offload_optimizer, e.offload_param)
 
 
 def table(estimates: list[StageEstimate]) -> str:
@@ -626,7 +638,7 @@ def table(estimates: list[StageEstimate]) -> str:
 
 
 __all__ = [
-    "AUTO_ORDER", "Compiled", "PRESETS", "StageEstimate", "activation_bytes", "choose_stage", "compile_step",
-    "compiled_collectives", "estimate", "load_model_config", "lowered_collectives", "parse_bytes", "step_collectives",
+    "Compiled", "PRESETS", "StageEstimate", "activation_bytes", "choose_stage", "compile_step", "compile_train_step",
+    "compiled_collectives", "option_name", "estimate", "load_model_config", "lowered_collectives", "parse_bytes", "step_collectives",
     "table",
 ]

@@ -25,13 +25,15 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from zerojax.args import TrainingArguments
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
-from zerojax.config import load_config
+from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.data import Batches, num_examples
-from zerojax.mesh import make_mesh
+from zerojax.estimate import compile_train_step, option_name, parse_bytes
+from zerojax.mesh import DATA_AXES, make_mesh
 from zerojax.models import causal_lm_loss, stacked_layers
 from zerojax.plan import TrainState, init_state, make_plan
 from zerojax.step import make_eval_step, make_train_step
@@ -88,12 +90,15 @@ class Trainer:
     next-token cross-entropy; `scanned`: path prefixes of stacked layers gathered one at a time
     (default: the bundled models' stacked layers when `hf_config` is given, else none);
     `max_consecutive_skips`: steps in a row skipped for non-finite gradients before training stops with
-    an error instead of silently diverging.
+    an error instead of silently diverging; `device_memory` (bytes or a size such as "80GB"): what
+    `zero_optimization.stage: "auto"` must fit per device, by default the device's own limit (CPU
+    devices report none).
     """
 
     def __init__(self, model: nnx.Module, args: TrainingArguments, train_dataset: Any, eval_dataset: Any = None,
                  *, hf_config: dict | None = None, loss_fn: Callable | None = None,
-                 devices: list | None = None, scanned: tuple | None = None, max_consecutive_skips: int = 20):
+                 devices: list | None = None, scanned: tuple | None = None, max_consecutive_skips: int = 20,
+                 device_memory: int | str | None = None):
         devices = list(devices or jax.devices())
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.hf_config = hf_config
@@ -113,15 +118,14 @@ class Trainer:
         tx = self.config.optimizer(total_steps=self.total_steps, weight_decay_mask=decay_mask(params))
         if scanned is None:
             scanned = stacked_layers(hf_config) if hf_config is not None else ()
-        self.plan = make_plan(params, tx, self.config.zero_rules(self.mesh), self.config.precision(),
-                              scanned=scanned, offload=self.config.offload())
         self.loss_fn = loss_fn or causal_lm_loss(self.graphdef)
-        self.train_step = make_train_step(self.loss_fn, self.plan,
-                                          micro_batches=self.config.gradient_accumulation_steps,
-                                          max_grad_norm=self.config.gradient_clipping)
+        self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
+        if self.config.stage == "auto":
+            memory = _device_memory(devices[0], device_memory)
+            self.config = self._choose_stage(params, tx, scanned, memory)
+        self.plan, self.train_step = self._build(self.config, params, tx, scanned)
         self.eval_step = make_eval_step(self.loss_fn, self.plan)
         self.state: TrainState = init_state(params, self.plan)
-        self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
         self.eval_batches = None
         if eval_dataset is not None:
             ranks = self.plan.rules.data_size
@@ -131,6 +135,35 @@ class Trainer:
         self.max_consecutive_skips = max_consecutive_skips
         self.output_dir = Path(self.args.output_dir) if self.args.output_dir else None
         self.history: list[dict] = []
+
+    def _build(self, config: ZeroConfig, params: Any, tx, scanned: tuple):
+        """The plan and train step of `config` (its stage resolved)."""
+        plan = make_plan(params, tx, config.zero_rules(self.mesh), config.precision(), scanned=scanned,
+                         offload=config.offload())
+        return plan, make_train_step(self.loss_fn, plan, micro_batches=config.gradient_accumulation_steps,
+                                     max_grad_norm=config.gradient_clipping)
+
+    def _choose_stage(self, params: Any, tx, scanned: tuple, device_memory: int) -> ZeroConfig:
+        """`zero_optimization.stage: "auto"`: compiles this Trainer's step ahead of time (nothing allocated)
+        for each of the config's stage options, cheapest first, and takes the first whose compiled peak
+        bytes per device fit `device_memory`; prints the choice and every peak it compiled."""
+        data = NamedSharding(self.mesh, P(DATA_AXES))
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), self.train_batches.batch(0))
+        peaks = []
+        for option in self.config.stage_options():
+            config = self.config.with_stage(*option)
+            plan, step = self._build(config, params, tx, scanned)
+            peak = compile_train_step(step, plan, batch).peak_bytes
+            peaks.append(f"{option_name(*option)} {peak / 2**30:.3f} GiB")
+            if peak <= device_memory:
+                if jax.process_index() == 0:
+                    print(f'zero_optimization.stage "auto": {option_name(*option)} fits {device_memory / 2**30:.3f} GiB '
+                          f"per device (compiled peaks: {'; '.join(peaks)})", flush=True)
+                return config
+        raise ConfigError(
+            f'zero_optimization.stage "auto": no option fits device_memory={device_memory / 2**30:.3f} GiB per device '
+            f"(compiled peaks: {'; '.join(peaks)}); use more devices, a smaller micro-batch or shorter sequences."
+        )
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -279,3 +312,16 @@ def device_memory() -> float | None:
     """GiB in use on the first local device, where the platform reports it (GPUs and TPUs do)."""
     stats = jax.local_devices()[0].memory_stats()
     return None if not stats or "bytes_in_use" not in stats else round(stats["bytes_in_use"] / 2**30, 3)
+
+
+def _device_memory(device, given: int | str | None) -> int:
+    """Bytes per device for stage "auto": `given`, else the device's reported limit."""
+    if given is not None:
+        return parse_bytes(given, "device_memory")
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        raise ConfigError(
+            f'zero_optimization.stage is "auto" but {device.platform} devices report no memory limit; pass '
+            'Trainer(..., device_memory="16GB") (bytes per device) or write a stage.'
+        )
+    return int(limit)

@@ -28,13 +28,15 @@ FLAG_NAMES = (
 
 
 def xla_flags(cfg: ZeroConfig) -> str:
-    """The `XLA_FLAGS` entries (space-separated) for the config's overlap_comm and bucket sizes."""
+    """The `XLA_FLAGS` entries (space-separated) for the config's overlap_comm and bucket sizes (for a
+    stage "auto", set before the stage is chosen: the stage-3 values)."""
     zero = cfg.zero_optimization
     prec = cfg.precision()
+    stage3 = zero.stage in (3, "auto")
     reduce_bytes = zero.reduce_bucket_size * prec.reduce_dtype.itemsize
-    gather_elements = zero.stage3_prefetch_bucket_size if zero.stage == 3 else zero.allgather_bucket_size
+    gather_elements = zero.stage3_prefetch_bucket_size if stage3 else zero.allgather_bucket_size
     values = (
-        "true" if zero.overlap_comm else "false",
+        "true" if zero.overlap_comm or (zero.overlap_comm is None and stage3) else "false",
         reduce_bytes,
         reduce_bytes,
         gather_elements * prec.compute_dtype.itemsize,

@@ -12,10 +12,10 @@ from zerojax.config.auto import resolve_auto
 from zerojax.config.deprecated import apply_deprecations
 from zerojax.config.errors import ConfigDeprecationWarning, ConfigError, ConfigWarning
 from zerojax.config.loading import read_source
-from zerojax.config.schema import BF16, FP16, OffloadBlock, ZeroConfig, ZeroOptimization, build
+from zerojax.config.schema import AUTO_ORDER, BF16, FP16, OffloadBlock, ZeroConfig, ZeroOptimization, build
 
 __all__ = [
-    "BF16", "FP16", "ConfigDeprecationWarning", "ConfigError", "ConfigWarning", "OffloadBlock", "ZeroConfig",
+    "AUTO_ORDER", "BF16", "FP16", "ConfigDeprecationWarning", "ConfigError", "ConfigWarning", "OffloadBlock", "ZeroConfig",
     "ZeroOptimization", "load_config",
 ]
 

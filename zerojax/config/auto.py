@@ -135,7 +135,7 @@ def _resolve_hidden_size(config: dict, model_config: Any, problems: list[str]) -
     if not isinstance(zero, dict):
         return
     names = by_name(ZERO)
-    stage3 = zero.get("stage") == 3
+    stage3 = zero.get("stage") in (3, AUTO)  # "auto" may choose stage 3
     autos = {names[k].name: k for k, v in zero.items() if v == AUTO and k in names}
     sized = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
     wanted = [n for n in sized if n in autos]

@@ -74,7 +74,8 @@ OFFLOAD_OPTIMIZER = (
        minimum=0.0, maximum=1.0),
 )
 ZERO = (
-    _k("stage", "int", 0, MAPPED, "`ZeroRules(stage=...)`", minimum=0, maximum=3),
+    _k("stage", "int", 0, MAPPED, "`ZeroRules(stage=...)`; \"auto\": the Trainer compiles each option and takes the cheapest that fits",
+       minimum=0, maximum=3),
     _k("contiguous_gradients", "bool", True, NO_EFFECT, _TUNING),
     _k("reduce_scatter", "bool", True, NO_EFFECT, "zerojax always reduce-scatters sharded gradients"),
     _k("reduce_bucket_size", "int", 500_000_000, MAPPED,

@@ -42,8 +42,19 @@ def mesh_shape(cfg: ZeroConfig, n_devices: int) -> dict[str, int]:
     return {"replica": n_devices // size, "fsdp": size}
 
 
+def resolved_stage(cfg: ZeroConfig) -> int:
+    """The config's stage; a ConfigError while it is still "auto"."""
+    if cfg.stage == "auto":
+        raise ConfigError(
+            'zero_optimization.stage is "auto": it is chosen by compiling the train step, which zerojax.Trainer '
+            "does; outside the Trainer pick one of config.stage_options() with config.with_stage(...), or write a stage."
+        )
+    return cfg.stage
+
+
 def zero_rules(cfg: ZeroConfig, mesh) -> ZeroRules:
     """The `ZeroRules` of the config's stage, persistence threshold (stage 3) and hierarchy over `mesh`."""
+    resolved_stage(cfg)
     zero = cfg.zero_optimization
     threshold = zero.stage3_param_persistence_threshold if zero.stage == 3 else 0
     return ZeroRules(mesh, stage=zero.stage, persistence_threshold=threshold, hierarchy=cfg.hierarchy)
@@ -70,6 +81,7 @@ def offload(cfg: ZeroConfig) -> Any:
     """`Offload(optimizer=, params=, ratio=)` with the memory kinds of the two offload blocks."""
     from zerojax.offload import Offload
 
+    resolved_stage(cfg)
     opt, par = cfg.offload_optimizer, cfg.offload_param
     optimizer_kind = opt.memory_kind if opt.ratio > 0 else None
     return Offload(optimizer=optimizer_kind, params=par.memory_kind, ratio=opt.ratio if optimizer_kind else 1.0)

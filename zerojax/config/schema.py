@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from zerojax.args import TrainingArguments
 from zerojax.config import keys, mapping
-from zerojax.config.auto import resolve_batch
+from zerojax.config.auto import AUTO, resolve_batch
 from zerojax.config.errors import ConfigError
 from zerojax.optim import OPTIMIZER_NAMES, OptimizerSpec, SchedulerSpec, check_optimizer, check_scheduler
 
@@ -34,11 +34,20 @@ class OffloadBlock:
         return "pinned_host" if self.pin_memory else "unpinned_host"
 
 
+# `zero_optimization.stage: "auto"` tries (stage, offload optimizer, offload params) in this order, cheapest
+# first as the Hugging Face DeepSpeed guide ranks speed: 0 > 1 > 2 > 2+offload > 3 > 3+offload.
+AUTO_ORDER: tuple[tuple[int, bool, bool], ...] = (
+    (0, False, False), (1, False, False), (2, False, False), (2, True, False),
+    (3, False, False), (3, True, False), (3, True, True),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ZeroOptimization:
-    """The `zero_optimization` keys that change what zerojax does."""
+    """The `zero_optimization` keys that change what zerojax does (`stage` may be "auto": see
+    `ZeroConfig.stage_options`)."""
 
-    stage: int = 0
+    stage: int | str = 0
     stage3_param_persistence_threshold: int = 100_000
     zero_hpz_partition_size: int = 1
     mics_shard_size: int = -1
@@ -98,8 +107,29 @@ class ZeroConfig:
     resolved: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
 
     @property
-    def stage(self) -> int:
+    def stage(self) -> int | str:
         return self.zero_optimization.stage
+
+    def stage_options(self) -> tuple[tuple[int, bool, bool], ...]:
+        """`(stage, offload_optimizer, offload_param)` choices, cheapest first: for stage "auto" the
+        `AUTO_ORDER` entries the rest of the config allows (an offload block with device "cpu" is kept,
+        hpZ and a partial offload `ratio` need stage 3, MiCS stage 1 or more), else the configured one."""
+        opt, par = self.offload_optimizer.enabled, self.offload_param.enabled
+        if self.stage != AUTO:
+            return ((self.stage, opt, par),)
+        lowest = 3 if self.offload_optimizer.ratio < 1 else {"hpz": 3, "mics": 1}.get(self.hierarchy, 0)
+        return tuple(o for o in AUTO_ORDER if o[0] >= lowest and o[1] >= opt and o[2] >= par)
+
+    def with_stage(self, stage: int, offload_optimizer: bool = False, offload_param: bool = False) -> ZeroConfig:
+        """This config with `stage` and the offload devices set ("cpu" when true, else as configured),
+        validated again: how a stage "auto" is resolved once one option is chosen."""
+        raw = self.to_dict()
+        zero = raw["zero_optimization"] = {k: v for k, v in raw["zero_optimization"].items() if v is not None}
+        zero["stage"] = stage
+        for which, on in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+            if on:
+                zero[which] = {**(zero.get(which) or {}), "device": "cpu"}
+        return build(raw, self.training_args, self.world_size, [])
 
     @property
     def offload_optimizer(self) -> OffloadBlock:
@@ -155,8 +185,13 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
     unknown: list[str] = []
     top = keys.validate_block("", raw, problems, ignored, unknown)
     zero_raw = _block(top, "zero_optimization", problems)
+    auto_stage = zero_raw.get("stage") == AUTO  # resolved later by `ZeroConfig.with_stage`
+    if auto_stage:
+        zero_raw = {k: v for k, v in zero_raw.items() if k != "stage"}
     offloads = {w: _block(zero_raw, w, problems, "zero_optimization.") for w in ("offload_optimizer", "offload_param")}
     zero = keys.validate_block("zero_optimization", zero_raw, problems, ignored)
+    if auto_stage:
+        zero["stage"] = AUTO
     for which, block in offloads.items():
         zero[which] = (keys.validate_block(f"zero_optimization.{which}", block, problems, ignored)
                        if zero_raw.get(which) is not None else None)
@@ -193,7 +228,7 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
 
     if top["fp32_allreduce"] and top["communication_data_type"] is None:
         top["communication_data_type"] = "fp32"
-    if zero["overlap_comm"] is None:
+    if zero["overlap_comm"] is None and not auto_stage:
         zero["overlap_comm"] = zero["stage"] == 3
     top.update(train_batch_size=train, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
                zero_optimization=zero, fp16=fp16, bf16=bf16, data_types=data_types)
@@ -229,8 +264,9 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
 
 
 def _check_consistency(top, zero, fp16, bf16, world_size, problems) -> None:
-    """Cross-key rules: precision, offload and hierarchy combinations DeepSpeed or zerojax refuse."""
-    stage = zero["stage"]
+    """Cross-key rules: precision, offload and hierarchy combinations DeepSpeed or zerojax refuse (with
+    stage "auto" the stage rules narrow `stage_options` instead)."""
+    stage = 3 if zero["stage"] == AUTO else zero["stage"]
     if fp16["enabled"] and bf16["enabled"]:
         problems.append("fp16.enabled and bf16.enabled are both true; enable one of them.")
     if fp16["enabled"] and fp16["loss_scale"] == 0 and fp16["min_loss_scale"] <= 0:
