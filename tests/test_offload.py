@@ -116,3 +116,47 @@ def test_offloaded_state_saves_restores_into_its_memory_kinds_without_recompilin
         resumed.append(float(metrics["loss"]))
     assert resumed == uninterrupted
     assert step.jitted._cache_size() == 1, "a restored state must hit the compiled step, not recompile it"
+
+
+def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch):
+    """At stage 3 with parameter offload, a scanned model's stacked parameters stay in host memory
+    until the scan copies one layer's shard to the device: same losses as without offload."""
+    from flax import nnx
+
+    from zerojax import gather, models
+
+    config = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    graphdef, params = nnx.split(models.from_hf_config(config, seed=0), nnx.Param)
+    fetched = []
+
+    def spy(x):
+        fetched.append((x.shape, jax.typeof(x).memory_space))
+        return fetch(x)
+
+    fetch = gather.fetch
+    monkeypatch.setattr(gather, "fetch", spy)
+
+    def run(offload):
+        plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
+                            scanned=("layers",), offload=offload)
+        state = zj.init_state(params, plan)
+        step = zj.make_train_step(models.causal_lm_loss(graphdef), plan)
+        losses = []
+        for i in range(STEPS):
+            ids = np.random.default_rng(i).integers(0, 256, (8, 16)).astype(np.int32)
+            state, metrics = step(state, {"input_ids": ids})
+            losses.append(float(metrics["loss"]))
+        return np.array(losses), state
+
+    reference, _ = run(None)
+    assert not fetched
+    losses, state = run(zj.Offload("pinned_host", params="pinned_host"))
+    np.testing.assert_allclose(losses, reference, rtol=1e-6)
+    stacked = [x for x in jax.tree.leaves(state.params["layers"])]
+    assert {x.sharding.memory_kind for x in stacked} == {"pinned_host"}
+    # traced once: every stacked parameter, one layer's shard (no layer axis), still in host memory
+    assert len(fetched) == len(stacked)
+    assert all(shape == x.sharding.shard_shape(x.shape)[1:] for (shape, _), x in zip(fetched, stacked))
+    assert {space for _, space in fetched} == {jax.memory.Space.Host}

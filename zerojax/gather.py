@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax import lax
 
+from zerojax.offload import fetch
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def gather(x: jax.Array, axes: tuple[str, ...], dim: int, reduce_dtype: np.dtype) -> jax.Array:
@@ -64,7 +66,8 @@ scatter_grad.defvjp(_scatter_grad_fwd, _scatter_grad_bwd)
 class Sharded:
     """A parameter as one rank holds it inside the train step, made whole by `gather_on_use`.
 
-    Stage 3: `shard` is the rank's shard and `full` is None; using it all-gathers the shard.
+    Stage 3: `shard` is the rank's shard and `full` is None; using it all-gathers the shard (first
+    copying it to device memory when `on_host`: parameter offload, one layer at a time).
     Stage 2: `full` is the replicated tensor and `shard` a zero placeholder of its gradient shard's
     shape; using it returns `full`, and its gradient is reduce-scattered into `shard`'s gradient.
     `dim` counts from the last dimension (negative), so it stays right when `lax.scan` strips the
@@ -76,6 +79,7 @@ class Sharded:
     axes: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
     dim: int = dataclasses.field(metadata=dict(static=True))
     reduce_dtype: Any = dataclasses.field(metadata=dict(static=True))
+    on_host: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,7 +98,7 @@ class Sharded:
         """The whole tensor, with the gradient routed to `shard`."""
         dim = self.dim % self.shard.ndim
         if self.full is None:
-            return gather(self.shard, self.axes, dim, self.reduce_dtype)
+            return gather(fetch(self.shard) if self.on_host else self.shard, self.axes, dim, self.reduce_dtype)
         return scatter_grad(self.full, self.shard, self.axes, dim, self.reduce_dtype)
 
 

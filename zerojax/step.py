@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.gather import Sharded
 from zerojax.mesh import DATA_AXES, TENSOR
-from zerojax.offload import on_device, to_memory
+from zerojax.offload import HOST_KINDS, on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
 from zerojax.rules import LeafLayout, is_layout
 
@@ -84,6 +84,7 @@ def make_train_step(
     rules, prec, layouts = plan.rules, plan.precision, plan.param_layouts
     mesh, axes, ranks = rules.mesh, rules.data_axes, rules.data_size
     batch_sharding = NamedSharding(mesh, P(DATA_AXES))
+    per_layer = _fetched_per_layer(plan)
 
     def local_grads(params, batch, scale):
         """Per rank: this rank's slice of the summed gradient, in the optimizer layout, and the mean loss."""
@@ -96,12 +97,13 @@ def make_train_step(
             return p
 
         def scaled_loss(carriers, b):
-            used = _tree(lambda c, p, l: _in_use(c, p, l, prec.reduce_dtype), carriers, params, layouts)
+            used = _tree(lambda c, p, l, h: _in_use(c, p, l, prec.reduce_dtype, h), carriers, params, layouts, per_layer)
             loss = jnp.asarray(loss_fn(used, b), jnp.float32)
             return loss * scale, loss
 
         def accumulate(acc, b):
             (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(_tree(carrier, params, layouts), b)
+            g = _tree(lambda g, h: jax.device_put(g, jax.memory.Space.Device) if h else g, g, per_layer)
             g = _tree(lambda g, l: _scatter(g.astype(prec.reduce_dtype), _after_use(l), l.dim), g, layouts)
             g = jax.tree.map(lambda g: g.astype(prec.accum_dtype), g)
             return jax.tree.map(jnp.add, acc, g), loss
@@ -155,7 +157,7 @@ def make_train_step(
 
     def step(state: TrainState, batch):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.ones((), jnp.float32)
-        grads, loss = sharded_grads(on_device(state.params, shardings.params), batch, scale)
+        grads, loss = sharded_grads(_step_params(state.params, shardings.params, per_layer), batch, scale)
         grads = jax.tree.map(lambda g: g / (scale * ranks * micro_batches), grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         grad_norm = optax.tree.norm(grads)  # inf or nan on a skipped step
@@ -227,10 +229,11 @@ class TrainStep:
         _check_batch(batch, self.batch_multiple)
 
 
-def _in_use(carrier, param, layout: LeafLayout, reduce_dtype):
-    """The parameter as the model sees it: whole (gathered on use), or `Sharded` for a stacked layer."""
+def _in_use(carrier, param, layout: LeafLayout, reduce_dtype, on_host: bool = False):
+    """The parameter as the model sees it: whole (gathered on use), or `Sharded` for a stacked layer
+    (`on_host`: copied to the device one layer at a time, when it is used)."""
     if layout.param_axes:
-        node = Sharded(carrier, None, layout.param_axes, layout.dim - carrier.ndim, reduce_dtype)
+        node = Sharded(carrier, None, layout.param_axes, layout.dim - carrier.ndim, reduce_dtype, on_host)
     elif layout.grad_axes:
         node = Sharded(carrier, param, layout.grad_axes, layout.dim - carrier.ndim, reduce_dtype)
     else:
@@ -238,12 +241,25 @@ def _in_use(carrier, param, layout: LeafLayout, reduce_dtype):
     return node if layout.stacked else node.use()
 
 
+def _fetched_per_layer(plan: ZeroPlan) -> Any:
+    """Per parameter: whether it stays in host memory until the model's scan copies one layer of it to
+    the device (a stacked stage-3 parameter under parameter offload)."""
+    return _tree(lambda l, s: bool(l.stacked and l.param_axes and s.memory_kind in HOST_KINDS),
+                 plan.param_layouts, plan.state_shardings.params)
+
+
+def _step_params(params, shardings, per_layer):
+    """The parameters a step's `shard_map` takes: in device memory, except those fetched per layer."""
+    return jax.tree.map(lambda p, s, keep: p if keep else on_device(p, s), params, shardings, per_layer)
+
+
 def make_eval_step(loss_fn: LossFn, plan: ZeroPlan) -> Callable[[Any, Any], jax.Array]:
     """A jitted `eval_step(params, batch) -> mean loss` over the global batch, with the step's gathers."""
     layouts, mesh, axes = plan.param_layouts, plan.mesh, plan.rules.data_axes
+    per_layer = _fetched_per_layer(plan)
 
     def local_loss(params, batch):
-        used = _tree(lambda p, l: _in_use(p, None, l, None) if l.param_axes else p, params, layouts)
+        used = _tree(lambda p, l, h: _in_use(p, None, l, None, h) if l.param_axes else p, params, layouts, per_layer)
         return _psum(jnp.asarray(loss_fn(used, batch), jnp.float32), axes) / plan.rules.data_size
 
     sharded = jax.shard_map(
@@ -253,7 +269,7 @@ def make_eval_step(loss_fn: LossFn, plan: ZeroPlan) -> Callable[[Any, Any], jax.
     )
     params_in = plan.state_shardings.params
     jitted = jax.jit(
-        lambda params, batch: sharded(on_device(params, params_in), batch),
+        lambda params, batch: sharded(_step_params(params, params_in, per_layer), batch),
         in_shardings=(params_in, NamedSharding(mesh, P(DATA_AXES))),
     )
 
