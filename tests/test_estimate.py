@@ -102,14 +102,17 @@ def test_offload_moves_optimizer_state_to_host():
     assert e.analytic_peak_bytes == e.grad_bytes + e.activation_bytes
 
 
-def test_compiled_offload_keeps_host_state_off_the_device_peak():
-    e = est.estimate(TINY, 8, 3, seq=SEQ, offload_optimizer=True, compiled=True)
+@pytest.mark.parametrize("offload_param", [False, True])
+def test_compiled_offload_keeps_host_state_off_the_device_peak(offload_param):
+    """The compiled program places exactly the offloaded state in host memory (its entry layout), and
+    that is what the device peak leaves out."""
+    e = est.estimate(TINY, 8, 3, seq=SEQ, offload_optimizer=True, offload_param=offload_param, compiled=True)
     c = e.compiled
-    assert c.host_state_bytes == e.host_bytes == e.master_bytes + e.optimizer_bytes
+    assert c.host_layout_bytes == e.host_bytes == e.master_bytes + e.optimizer_bytes + offload_param * e.param_bytes
     # XLA:CPU does not split memory spaces: what stays on the device is the bf16 parameter shards,
     # the batch and two int32 counters
     assert c.host_argument_bytes == 0
-    assert c.device_argument_bytes == e.param_bytes + c.batch_bytes + 8
+    assert c.device_argument_bytes == (not offload_param) * e.param_bytes + c.batch_bytes + 8
     assert e.peak_bytes == c.device_argument_bytes + c.output_bytes - c.alias_bytes + c.temp_bytes
 
 

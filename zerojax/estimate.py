@@ -128,8 +128,9 @@ class Compiled:
     the step holds at once, as XLA sizes buffers; with the state donated the outputs alias the
     arguments, so it is arguments + temporaries. A backend that does not split its statistics by
     memory space (XLA:CPU reports no host bytes) counts offloaded state among the arguments: then the
-    plan's host-resident state bytes (`host_state_bytes`) are taken off, while the temporaries still
-    include any host-side work, so the device peak is overstated rather than understated.
+    arguments the compiled program itself places in host memory (`host_layout_bytes`, memory space
+    S(5) in its entry layout) are taken off, while the temporaries still include any host-side work,
+    so the device peak is overstated rather than understated.
     """
 
     argument_bytes: int
@@ -138,7 +139,7 @@ class Compiled:
     temp_bytes: int
     host_argument_bytes: int
     host_temp_bytes: int
-    host_state_bytes: int  # the plan's state in host memory between steps
+    host_layout_bytes: int  # arguments in host memory space per the compiled program's entry layout
     batch_bytes: int
     lowered_collectives: dict  # kind -> dtype -> bytes, from the lowered StableHLO
     compiled_collectives: dict  # kind -> dtype -> bytes, from the compiled HLO (CPU upcasts 16-bit)
@@ -146,7 +147,7 @@ class Compiled:
 
     @property
     def device_argument_bytes(self) -> int:
-        return self.argument_bytes - (self.host_state_bytes if self.host_argument_bytes == 0 else 0)
+        return self.argument_bytes - (self.host_layout_bytes if self.host_argument_bytes == 0 else 0)
 
     @property
     def peak_bytes(self) -> int:
@@ -230,7 +231,7 @@ class StageEstimate:
             out["compiled"] = {
                 "argument_bytes": c.argument_bytes, "output_bytes": c.output_bytes, "alias_bytes": c.alias_bytes,
                 "temp_bytes": c.temp_bytes, "host_argument_bytes": c.host_argument_bytes,
-                "host_state_bytes": c.host_state_bytes, "device_argument_bytes": c.device_argument_bytes,
+                "host_layout_bytes": c.host_layout_bytes, "device_argument_bytes": c.device_argument_bytes,
                 "host_temp_bytes": c.host_temp_bytes, "state_bytes": c.state_bytes, "peak_bytes": c.peak_bytes,
                 "lowered_collectives": c.lowered_collectives, "compiled_collectives": c.compiled_collectives,
                 "compile_seconds": round(c.seconds, 2),
@@ -422,6 +423,18 @@ def compiled_collectives(text: str) -> dict:
     return _total(functions, entry)
 
 
+_HOST_ARGUMENT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]\{[0-9,]*:S\(5\)\}")
+
+
+def host_layout_bytes(hlo_text: str) -> int:
+    """Bytes per device of the entry computation's parameters that a compiled HLO module places in
+    host memory (memory space S(5) in `entry_computation_layout`)."""
+    found = re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo_text)
+    if found is None:
+        return 0
+    return sum(_tensor_bytes(dims.replace(",", "x"), dtype) for dtype, dims in _HOST_ARGUMENT.findall(found.group(1)))
+
+
 def step_collectives(lowered: dict, compiled: dict) -> dict[str, int]:
     """Bytes per step by kind: the lowered program's, plus the elements that only the compiled program
     moves (GSPMD's partitioning of the optimizer update), priced at the lowered itemsize of that kind
@@ -553,8 +566,6 @@ def compile_train_step(step, plan, batch) -> Compiled:
 
     import jax
 
-    from zerojax.report import memory_report
-
     start = time.perf_counter()
     lowered = step.lower(plan.abstract_state(), batch)
     lowered_text = lowered.as_text()
@@ -566,7 +577,7 @@ def compile_train_step(step, plan, batch) -> Compiled:
         argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
         alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
         host_argument_bytes=stats.host_argument_size_in_bytes, host_temp_bytes=stats.host_temp_size_in_bytes,
-        host_state_bytes=memory_report(plan).host_bytes,
+        host_layout_bytes=host_layout_bytes(exe.as_text()),
         batch_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // n,
         lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=compiled_collectives(exe.as_text()),
         seconds=seconds,
@@ -639,6 +650,6 @@ def table(estimates: list[StageEstimate]) -> str:
 
 __all__ = [
     "Compiled", "PRESETS", "StageEstimate", "activation_bytes", "choose_stage", "compile_step", "compile_train_step",
-    "compiled_collectives", "option_name", "estimate", "load_model_config", "lowered_collectives", "parse_bytes", "step_collectives",
+    "compiled_collectives", "host_layout_bytes", "option_name", "estimate", "load_model_config", "lowered_collectives", "parse_bytes", "step_collectives",
     "table",
 ]
