@@ -191,6 +191,9 @@ def _config_cases() -> list[Case]:
         load_config({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1},
                     world_size=4)
 
+    def stage_auto(**zero):
+        return load_config({"train_batch_size": 8, "zero_optimization": {"stage": "auto", **zero}}, world_size=8)
+
     return [
         Case("load_config", "missing file", lambda d: load_config(f"{d}/nope.json")),
         Case("load_config", "malformed JSON", bad_json),
@@ -202,6 +205,9 @@ def _config_cases() -> list[Case]:
         Case("load_config", "auto without TrainingArguments",
              lambda d: load_config({"train_micro_batch_size_per_gpu": "auto"}, world_size=1)),
         Case("load_config", "training_args of the wrong type", lambda d: load_config({}, training_args={"lr": 1})),
+        Case("ZeroConfig.zero_rules", 'stage "auto" not yet resolved', lambda d: stage_auto().zero_rules(None)),
+        Case("ZeroConfig.with_stage", "a stage the config rules out (hpZ at stage 1)",
+             lambda d: stage_auto(zero_hpz_partition_size=2).with_stage(1)),
         Case("TrainingArguments.from_dict", "wrong type (learning_rate 'fast')",
              lambda d: TrainingArguments.from_dict({"learning_rate": "fast"})),
         Case("zerojax config", "missing file", lambda d: cli("config", f"{d}/nope.json")),
@@ -457,6 +463,8 @@ def _trainer_cases() -> list[Case]:
         Case("Trainer", "indivisible batch (train_batch_size 10 on 8 devices)",
              lambda d: make(d, config={"train_batch_size": 10, "zero_optimization": {"stage": 3}})),
         Case("Trainer", "wrong type (stage 'three')", lambda d: make(d, config={"zero_optimization": {"stage": "three"}})),
+        Case("Trainer", 'stage "auto" on CPU devices without device_memory',
+             lambda d: make(d, config={"zero_optimization": {"stage": "auto"}, "train_micro_batch_size_per_gpu": 1})),
         Case("Trainer", "wrong dtype (dataset of floats)", float_dataset),
         Case("Trainer.train", "resume with no checkpoint", resume_missing),
         Case("Trainer.train", "resume from a corrupt checkpoint", resume_corrupt),
