@@ -118,12 +118,14 @@ def test_offloaded_state_saves_restores_into_its_memory_kinds_without_recompilin
     assert step.jitted._cache_size() == 1, "a restored state must hit the compiled step, not recompile it"
 
 
-def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch):
+def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch, tmp_path):
     """At stage 3 with parameter offload, a scanned model's stacked parameters stay in host memory
-    until the scan copies one layer's shard to the device: same losses as without offload."""
+    until the scan copies one layer's shard to the device: same losses as without offload, and the
+    offloaded state exports the same Hugging Face files."""
     from flax import nnx
 
     from zerojax import gather, models
+    from zerojax.checkpoint import save_model
 
     config = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -150,9 +152,12 @@ def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch)
             losses.append(float(metrics["loss"]))
         return np.array(losses), state
 
-    reference, _ = run(None)
+    reference, reference_state = run(None)
     assert not fetched
     losses, state = run(zj.Offload("pinned_host", params="pinned_host"))
+    for name, s in (("device", reference_state), ("host", state)):
+        save_model(s, config, tmp_path / name, dtype="fp32", progress=False)
+    assert (tmp_path / "host" / "model.safetensors").read_bytes() == (tmp_path / "device" / "model.safetensors").read_bytes()
     np.testing.assert_allclose(losses, reference, rtol=1e-6)
     stacked = [x for x in jax.tree.leaves(state.params["layers"])]
     assert {x.sharding.memory_kind for x in stacked} == {"pinned_host"}

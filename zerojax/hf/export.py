@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax import lax
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -183,7 +184,7 @@ class _LeafFetcher:
         """The tensor's source on the host: the leaf, or its layer `t.layer` for a stacked leaf."""
         leaf = self._leaves[t.path]
         if isinstance(leaf, jax.Array):
-            part = leaf if t.layer is None else leaf[t.layer]
+            part = leaf if t.layer is None else lax.index_in_dim(leaf, t.layer, keepdims=False)  # a static slice: host memory too
             host = jax.device_get(part) if part.is_fully_addressable else multihost_utils.process_allgather(part, tiled=True)
             return np.asarray(host)
         if t.layer is not None and callable(getattr(leaf, "layer", None)):
