@@ -282,7 +282,7 @@ def test_bad_input_names_expected_and_found(tmp_path):
 
 
 CRASH = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     import jax, numpy as np
     from zerojax.checkpoint import CheckpointManager
     import zerojax as zj, optax
@@ -292,6 +292,11 @@ CRASH = textwrap.dedent("""
     manager.save(state)
     manager.wait()
     manager.save(state._replace(step=state.step + 1))
+    deadline = time.monotonic() + 60
+    while not any("tmp" in name for name in os.listdir(sys.argv[1])):  # the step-1 save has started
+        if time.monotonic() > deadline:
+            os._exit(4)
+        time.sleep(0.001)
     os._exit(3)  # killed while the step-1 save is being written
 """)
 
