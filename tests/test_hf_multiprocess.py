@@ -1,5 +1,6 @@
-"""Two processes (4 CPU devices each) import a checkpoint at stage 3 and export it: the folder process 0
-writes is byte-identical to a single-process export."""
+"""Two processes (4 CPU devices each) import a checkpoint at stage 3 and export it, from device memory or
+from pinned host memory (an offloaded state): the folder process 0 writes is byte-identical to a
+single-process export."""
 
 import os
 import socket
@@ -17,7 +18,7 @@ CHILD = r"""
 import sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, rank, src, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+port, rank, src, out, memory = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
 import optax
 import zerojax as zj
@@ -27,6 +28,8 @@ from zerojax.hf import export_hf, load_pretrained, read_config
 config = read_config(src)
 plan = zj.make_plan(models.abstract_model(config)[1], optax.sgd(0.1), zj.ZeroRules(zj.make_mesh(), stage=3))
 params = load_pretrained(src, plan)
+params = jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(memory)), params)
+assert {x.sharding.memory_kind for x in jax.tree.leaves(params)} == {memory}
 assert jax.device_count() == 8 and not all(x.is_fully_addressable for x in jax.tree.leaves(params))
 export_hf(params, config, out, max_shard_size="10KB", progress=False)
 print("done", rank)
@@ -40,7 +43,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two extra Python processes: ~15 s on a quiet 2-core machine
-def test_two_process_export_matches_single_process(tmp_path):
+@pytest.mark.parametrize("memory", ["device", "pinned_host"])  # pinned_host: an offloaded state
+def test_two_process_export_matches_single_process(tmp_path, memory):
     src = tmp_path / "src"
     hf_tiny.torch_model("llama").save_pretrained(src, max_shard_size="8KB")
     config = read_config(src)
@@ -51,7 +55,7 @@ def test_two_process_export_matches_single_process(tmp_path):
     port = _free_port()
     root = Path(__file__).resolve().parents[1]
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, str(port), str(rank), str(src), str(tmp_path / "out")],
+        subprocess.Popen([sys.executable, "-c", CHILD, str(port), str(rank), str(src), str(tmp_path / "out"), memory],
                          env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(2)
     ]
