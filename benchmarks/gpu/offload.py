@@ -104,20 +104,26 @@ def main() -> int:
     seq = 16 if args.smoke else args.seq
     device = jax.devices()[0]
     result = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "seq": seq,
-              "batch": args.batch, "largest": {}, "step_ms": {}}
-    for name, offload in PLACEMENTS.items():
+              "batch": args.batch, "largest": {}, "step_ms": {}, "errors": {}}
+    for name, offload in PLACEMENTS.items():  # a placement that fails otherwise is recorded, the run goes on
         largest = None
-        for hidden, layers in ladder:
-            n = fits(llama(hidden, layers, vocab), offload, seq, args.batch)
-            print(f"{name:20} hidden={hidden:5} layers={layers:3} -> {'fits' if n else 'out of memory'}", flush=True)
-            if n is None:
-                break
-            largest = {"hidden": hidden, "layers": layers, "params": n}
+        try:
+            for hidden, layers in ladder:
+                n = fits(llama(hidden, layers, vocab), offload, seq, args.batch)
+                print(f"{name:20} hidden={hidden:5} layers={layers:3} -> {'fits' if n else 'out of memory'}", flush=True)
+                if n is None:
+                    break
+                largest = {"hidden": hidden, "layers": layers, "params": n}
+        except Exception as e:
+            result["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         result["largest"][name] = largest
     common = result["largest"]["none"]
     config = llama(common["hidden"], common["layers"], vocab)
     for name, offload in PLACEMENTS.items():
-        result["step_ms"][name] = step_ms(config, offload, seq, args.batch, args.steps)
+        try:
+            result["step_ms"][name] = step_ms(config, offload, seq, args.batch, args.steps)
+        except Exception as e:
+            result["errors"].setdefault(name, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     base = result["step_ms"]["none"]
     result["step_ratio"] = {k: round(v / base, 3) for k, v in result["step_ms"].items()}
     text = json.dumps(result, indent=2)
