@@ -571,15 +571,15 @@ def compile_train_step(step, plan, batch) -> Compiled:
     lowered_text = lowered.as_text()
     exe = lowered.compile()
     seconds = time.perf_counter() - start
-    stats = exe.memory_analysis()
+    stats, compiled_text = exe.memory_analysis(), exe.as_text()
     n = plan.rules.data_size
     return Compiled(
         argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
         alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
         host_argument_bytes=stats.host_argument_size_in_bytes, host_temp_bytes=stats.host_temp_size_in_bytes,
-        host_layout_bytes=host_layout_bytes(exe.as_text()),
+        host_layout_bytes=host_layout_bytes(compiled_text),
         batch_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // n,
-        lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=compiled_collectives(exe.as_text()),
+        lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=compiled_collectives(compiled_text),
         seconds=seconds,
     )
 
