@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import glob
 import hashlib
 import json
@@ -603,13 +604,18 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
 
+    @functools.cached_property
+    def _array(self):
+        """The tensor in orbax's store, opened once (its metadata only) for every read that follows."""
+        return self.manager._open_tensor(self.step, self.name)
+
     def __call__(self) -> np.ndarray:
-        return self._read(self.manager._open_tensor(self.step, self.name))
+        return self._read(self._array)
 
     def layer(self, i: int) -> np.ndarray:
         """`self()[i]`, reading only the chunks that hold layer `i` (one chunk per layer and shard in
         checkpoints saved with the model's `hf_config`)."""
-        return self._read(self.manager._open_tensor(self.step, self.name)[i])
+        return self._read(self._array[i])
 
     def _read(self, array) -> np.ndarray:
         """`array` as numpy, read one band of chunks along its first axis at a time, so that decoding
