@@ -121,7 +121,7 @@ class Trainer:
         self.loss_fn = loss_fn or causal_lm_loss(self.graphdef)
         self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
         if self.config.stage == "auto":
-            memory = _device_memory(devices[0], device_memory)
+            memory = _memory_budget(devices[0], device_memory)
             self.config = self._choose_stage(params, tx, scanned, memory)
         self.plan, self.train_step = self._build(self.config, params, tx, scanned)
         self.eval_step = make_eval_step(self.loss_fn, self.plan)
@@ -314,7 +314,7 @@ def device_memory() -> float | None:
     return None if not stats or "bytes_in_use" not in stats else round(stats["bytes_in_use"] / 2**30, 3)
 
 
-def _device_memory(device, given: int | str | None) -> int:
+def _memory_budget(device, given: int | str | None) -> int:
     """Bytes per device for stage "auto": `given`, else the device's reported limit."""
     if given is not None:
         return parse_bytes(given, "device_memory")

@@ -54,10 +54,9 @@ def resolved_stage(cfg: ZeroConfig) -> int:
 
 def zero_rules(cfg: ZeroConfig, mesh) -> ZeroRules:
     """The `ZeroRules` of the config's stage, persistence threshold (stage 3) and hierarchy over `mesh`."""
-    resolved_stage(cfg)
-    zero = cfg.zero_optimization
-    threshold = zero.stage3_param_persistence_threshold if zero.stage == 3 else 0
-    return ZeroRules(mesh, stage=zero.stage, persistence_threshold=threshold, hierarchy=cfg.hierarchy)
+    stage = resolved_stage(cfg)
+    threshold = cfg.zero_optimization.stage3_param_persistence_threshold if stage == 3 else 0
+    return ZeroRules(mesh, stage=stage, persistence_threshold=threshold, hierarchy=cfg.hierarchy)
 
 
 def precision(cfg: ZeroConfig) -> Precision:
