@@ -4,11 +4,8 @@ from real programs, `stage auto` picks the cheapest option that fits, and the co
 import json
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax import estimate as est
 from zerojax.cli import main
@@ -26,40 +23,6 @@ def tiny_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "config.json"
     path.write_text(json.dumps(TINY))
     return str(path)
-
-
-def _mesh_fn(fn, in_spec, out_spec):
-    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
-    return mesh, jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_spec, out_specs=out_spec, check_vma=False))
-
-
-def test_collectives_counted_through_calls_and_loops():
-    """A scan of 5 steps, each gathering a bf16 [4] shard to [32] and reduce-scattering an f32 [32], then one psum."""
-
-    def body(x):
-        def step(c, _):
-            g = jax.lax.all_gather(x + c.astype(x.dtype), "x", tiled=True)  # bf16 [32]: 64 bytes
-            s = jax.lax.psum_scatter(g.astype(jnp.float32) + c, "x", tiled=True)  # operand f32 [32]: 128 bytes
-            return c + jnp.sum(s), None
-
-        c, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), None, length=5)
-        parts = jax.lax.psum(tuple(jnp.full((3,), c + i) for i in range(7)), "x")  # 2 x 7 x 12 bytes
-        return sum(parts)
-
-    mesh, f = _mesh_fn(body, P("x"), P())
-    x = jax.ShapeDtypeStruct((32,), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
-    lowered = f.lower(x)
-    low = est.lowered_collectives(lowered.as_text())
-    assert low == {"all-gather": {"bf16": 5 * 64}, "reduce-scatter": {"f32": 5 * 128}, "all-reduce": {"f32": 7 * 24}}
-    comp = est.compiled_collectives(lowered.compile().as_text())
-    elements = {k: sum(b // est._itemsize(d) for d, b in v.items()) for k, v in comp.items()}
-    assert elements == {"all-gather": 5 * 32, "reduce-scatter": 5 * 32, "all-reduce": 7 * 6}
-
-
-def test_step_collectives_add_what_only_the_compiled_program_moves():
-    lowered = {"reduce-scatter": {"bf16": 200}}
-    compiled = {"reduce-scatter": {"f32": 400}, "all-gather": {"f32": 400}}
-    assert est.step_collectives(lowered, compiled) == {"all-gather": 200, "reduce-scatter": 200, "all-reduce": 0}
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
