@@ -3,7 +3,6 @@
 import math
 import re
 
-import numpy as np
 import optax
 import pytest
 

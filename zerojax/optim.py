@@ -467,7 +467,7 @@ def check_scheduler(block: Any, problems: list[str]) -> SchedulerSpec | None:
         problems.append(f"scheduler has keys {extra}; it takes only 'type' and 'params'.")
     kind = block.get("type")
     if not isinstance(kind, str) or kind not in SCHEDULER_PARAMS:
-        from zerojax.config.keys import UNRESOLVED, did_you_mean
+        from zerojax.config.keys import did_you_mean
 
         near = did_you_mean(kind, SCHEDULER_PARAMS) if isinstance(kind, str) else ""
         problems.append(f"scheduler.type={kind!r} is not supported{near}; use one of {sorted(SCHEDULER_PARAMS)}.")
