@@ -23,7 +23,8 @@ import numpy as np
 import optax
 
 import zerojax as zj
-from zerojax.checkpoint import CheckpointManager, CheckpointOptions, _checksums
+from zerojax.checkpoint import CheckpointManager, CheckpointOptions
+from zerojax.checkpoint.integrity import checksums
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     step = os.path.join(folder, "0")
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(step) for f in fs)
     t0 = time.perf_counter()
-    _checksums(step)
+    checksums(step)
     hash_s = time.perf_counter() - t0
     reader = CheckpointManager(folder, read_only=True)
     t0 = time.perf_counter()

@@ -530,7 +530,7 @@ that still fall short. Full-disk and read-only cases run on a small tmpfs (needs
 
 Checkpoint integrity: orbax/tensorstore detect damage to their index (CRC-32C on OCDBT b-tree nodes) and
 JSON files, but not to array data, so zerojax writes `integrity.json` (size and SHA-256 of every file) into
-each step before it is committed and verifies it before a restore; see `zerojax/checkpoint.py` and
+each step before it is committed and verifies it before a restore; see `zerojax/checkpoint/integrity.py` and
 `benchmarks/results/faults.md`.
 
 """

@@ -78,12 +78,12 @@ def test_lazy_weights_read_stacked_layers_one_layer_at_a_time(tmp_path):
     manager = CheckpointManager(tmp_path / "ck", read_only=True)
     lazy = manager.lazy_weights()
     gate, saved_gate = lazy["layers"]["mlp"]["gate_proj"]["kernel"]["value"], state.params["layers"]["mlp"]["gate_proj"]["kernel"]
-    assert manager._open_tensor(gate.step, gate.name).chunk_layout.read_chunk.shape[0] == 1
+    assert manager.open_tensor(gate.step, gate.name).chunk_layout.read_chunk.shape[0] == 1
     for i in range(gate.shape[0]):
         np.testing.assert_array_equal(gate.layer(i), np.asarray(saved_gate[...][i]))
     embed = lazy["embed_tokens"]["embedding"]["value"]
     np.testing.assert_array_equal(embed(), np.asarray(state.params["embed_tokens"]["embedding"][...]))
-    assert manager._open_tensor(embed.step, embed.name).chunk_layout.read_chunk.shape[0] < embed.shape[0]
+    assert manager.open_tensor(embed.step, embed.name).chunk_layout.read_chunk.shape[0] < embed.shape[0]
 
 
 def test_mixed_precision_exports_the_fp32_master(tmp_path):

@@ -1,183 +1,32 @@
-"""Checkpoints of a ZeRO run on orbax: sharded, asynchronous, atomic, restored onto any plan.
-
-A checkpoint step is a folder `DIR/<step>` with two orbax items:
-
-- `state`: the `TrainState` as a dict `{step, params, master, opt_state, loss_scale, skipped}` (absent
-  entries omitted) saved shard by shard from every process; with `save_only_model` only `params`.
-- `meta`: JSON — RNG key, data position, the resolved config, the model's Hugging Face config (so an
-  export needs nothing but the folder), the metrics of the step and what was saved.
-
-Orbax writes each step into a temporary folder and renames it when every item is complete, so a crash
-mid-save leaves the previous steps intact and `latest_step` is always a complete checkpoint (leftover
-temporary folders are deleted when a writable manager opens the folder).
-
-Integrity: orbax/tensorstore checksum their index (OCDBT b-tree nodes carry CRC-32C) and JSON files fail
-to parse when damaged, but the array data itself has no checksum, so a flipped byte in a tensor restores
-silently. Every step therefore holds `integrity.json`, the SHA-256 and size of each of its files, written
-by the primary process inside the temporary folder after all processes finished writing and before the
-rename (orbax's post-finalization hook), so the manifest is committed atomically with the step. Every
-restore verifies it first (once per manager and step) and raises `CorruptCheckpointError` naming the step
-and the file; `restore_latest_good` falls back to the newest step that verifies.
-
-Restoring reads onto the shardings of a *target* (a `ZeroPlan`, or a `TrainState` of arrays or
-`ShapeDtypeStruct`s): another device count, stage or mesh shape; each process reads only its shards.
-Precision may change between save and restore. The weights come from the saved fp32 master when there
-is one, else from the saved parameters; a target with a master gets them as its master and its compute
-copy is cast from it (what every step does), a target without one gets them as its parameters. A
-saved loss-scaler state is dropped when the target runs without loss scaling; a target with loss
-scaling needs a checkpoint that has one (error otherwise).
-"""
+"""`CheckpointManager`: saves a ZeRO run's state with orbax and restores it onto any plan (see the package
+docstring for the layout of a step, its atomicity, integrity and restore semantics)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import functools
 import glob
-import hashlib
 import json
 import os
-import re
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.experimental import multihost_utils
-from orbax.checkpoint import checkpoint_managers as ocm
 
 from zerojax import models
-from zerojax.hf import export_hf
+from zerojax.checkpoint import integrity
+from zerojax.checkpoint.errors import CheckpointError, CorruptCheckpointError, read_errors, write_errors
+from zerojax.checkpoint.lazy import LazyTensor
+from zerojax.checkpoint.options import CheckpointOptions, KeepBestAndLatest, best_index, ranking
 from zerojax.plan import TrainState, ZeroPlan
 from zerojax.rules import path_key
 
 STATE = "state"
 META = "meta"
 FORMAT = "zerojax-checkpoint/1"
-INTEGRITY = "integrity.json"
-INTEGRITY_FORMAT = "zerojax-integrity/1"
-# Not in the manifest: the manifest itself, and the two files orbax writes at the commit, after the
-# manifest: the step's metadata (handler names, metrics, commit time) and its commit marker.
-UNCHECKED = (INTEGRITY, INTEGRITY + ".tmp", "_CHECKPOINT_METADATA", "commit_success.txt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder, step or content that does not fit the request."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A save that could not be written (disk full, read-only or missing folder); older steps are intact."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A committed step whose files are damaged (checksum, size or format): `step` and `file` name it."""
-
-    def __init__(self, message: str, step: int, file: str | None):
-        super().__init__(message)
-        self.step, self.file = step, file
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointOptions:
-    """What to keep and how to save, with Hugging Face `TrainingArguments` names and defaults.
-
-    `save_total_limit`: keep at most this many steps (None: all); the best step is never deleted, and
-    with a limit of 1 the latest is kept besides the best (Transformers' rule). `metric_for_best_model`
-    names the metric that ranks steps (looked up as given, then with the `eval_` prefix); it defaults
-    to `"loss"` when `load_best_model_at_end` is set. `greater_is_better` defaults to False for names
-    ending in `loss`, else True. `save_only_model`: save the compute-dtype parameters only (no master,
-    optimizer or scaler state: the step cannot be resumed). `async_save`: `save` returns once the
-    arrays are copied off the training buffers; the files are written in a background thread.
-    `verify_integrity`: check each step's file checksums before restoring it (reads the step's files
-    once more; the manifest is written either way).
-    """
-
-    save_total_limit: int | None = None
-    metric_for_best_model: str | None = None
-    greater_is_better: bool | None = None
-    load_best_model_at_end: bool = False
-    save_only_model: bool = False
-    async_save: bool = True
-    verify_integrity: bool = True
-
-    def __post_init__(self):
-        limit = self.save_total_limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(
-                f"CheckpointOptions: save_total_limit={limit!r} must be a positive integer, or None to keep "
-                "every checkpoint."
-            )
-        if self.save_only_model and self.load_best_model_at_end:
-            raise ValueError(
-                "CheckpointOptions: ZeRO checkpoints can't be used with `save_only_model` along with "
-                "`load_best_model_at_end` (Transformers raises the same for DeepSpeed/FSDP); set "
-                "save_only_model=False or load_best_model_at_end=False."
-            )
-        metric = self.metric_for_best_model
-        if metric is None and self.load_best_model_at_end:
-            object.__setattr__(self, "metric_for_best_model", metric := "loss")
-        if metric is not None and (not isinstance(metric, str) or not metric):
-            raise ValueError(
-                f"CheckpointOptions: metric_for_best_model={metric!r} must be a metric name such as 'loss'."
-            )
-        if self.greater_is_better is None and metric is not None:
-            object.__setattr__(self, "greater_is_better", not metric.endswith("loss"))
-
-    def metric_value(self, metrics: dict) -> float:
-        """The ranking metric from a step's `metrics` (`name`, else `eval_<name>`)."""
-        name = self.metric_for_best_model
-        for key in (name, f"eval_{name}"):
-            if key in metrics:
-                return float(metrics[key])
-        raise KeyError(
-            f"metric_for_best_model={name!r} is not in the metrics passed to save ({sorted(metrics)}); "
-            f"pass metrics={{'{name}': value}} or change metric_for_best_model."
-        )
-
-
-@dataclasses.dataclass
-class KeepBestAndLatest(ocm.PreservationPolicy):
-    """Transformers' rotation: keep the best step and the newest ones, `limit` steps in all (the best
-    plus the newest when `limit` is 1 and the best is not the newest); ties keep the earlier step."""
-
-    limit: int | None
-    rank: Callable[[dict], float] | None  # larger is better; None: no best tracking
-
-    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
-        order = list(range(len(checkpoints)))
-        best = _best_index([c.metrics for c in checkpoints], self.rank)
-        if best is not None and best < len(order) - 1:
-            order.remove(best)
-            order.insert(len(order) - 1, best)  # just before the newest: deleted last
-        limit = self.limit if self.limit is not None else len(order)
-        if best is not None and limit == 1 and best != len(checkpoints) - 1:
-            limit = 2
-        dropped = set(order[: max(0, len(order) - limit)])
-        return [i not in dropped for i in range(len(checkpoints))]
-
-
-def _ranking(options: CheckpointOptions) -> Callable[[dict], float] | None:
-    """A step's metrics -> a number that is larger for a better step (None: no metric to rank by)."""
-    if options.metric_for_best_model is None:
-        return None
-    sign = 1.0 if options.greater_is_better else -1.0
-    return lambda metrics: sign * options.metric_value(metrics)
-
-
-def _best_index(metrics: Sequence[dict | None], rank) -> int | None:
-    best, best_value = None, None
-    for i, m in enumerate(metrics):
-        if rank is None or m is None:
-            continue
-        value = rank(m)
-        if best_value is None or value > best_value:
-            best, best_value = i, value
-    return best
-
-
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A restored step: the state on the target's shardings and the run's metadata."""
@@ -205,7 +54,7 @@ class CheckpointManager:
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointError(f"checkpoint folder {self.directory} does not exist; expected a folder "
                                   "written by zerojax.checkpoint.CheckpointManager.")
-        self._rank = rank = _ranking(options)
+        self._rank = rank = ranking(options)
         self._read_only = read_only
         self._saving: int | None = None  # the step being written (for the integrity hook)
         self._verified: set[int] = set()
@@ -222,7 +71,7 @@ class CheckpointManager:
             cleanup_tmp_directories=not read_only,
             save_interval_steps=0 if read_only else 1,
         )
-        with _write_errors(self, None):
+        with write_errors(self, None):
             self._mngr = ocp.CheckpointManager(
                 self.directory,
                 options=mngr_options,
@@ -267,7 +116,7 @@ class CheckpointManager:
         }
         self.wait()  # one save in flight at a time: the integrity hook knows its step
         self._saving = step
-        with _write_errors(self, step):
+        with write_errors(self, step):
             saved = self._mngr.save(
                 step,
                 args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree, save_args=_save_args(tree, hf_config)),
@@ -287,23 +136,17 @@ class CheckpointManager:
         if not folders:
             raise CheckpointError(f"save of step {self._saving}: its temporary folder ({pattern}) is gone; "
                                   "is another process writing checkpoints into the same folder?")
-        folder = folders[-1]
-        manifest = {"format": INTEGRITY_FORMAT, "algorithm": "sha256", "files": _checksums(folder)}
-        with open(os.path.join(folder, INTEGRITY + ".tmp"), "w") as f:
-            json.dump(manifest, f, indent=0, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(folder, INTEGRITY + ".tmp"), os.path.join(folder, INTEGRITY))
+        integrity.write_manifest(folders[-1])
 
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is on disk (and old steps are rotated); raises
         `CheckpointWriteError` if it could not be written."""
-        with _write_errors(self, self._saving):
+        with write_errors(self, self._saving):
             self._mngr.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves (raising `CheckpointWriteError` if one failed) and releases the manager."""
-        with _write_errors(self, self._saving):
+        with write_errors(self, self._saving):
             self._mngr.close()
 
     def __enter__(self):
@@ -330,11 +173,11 @@ class CheckpointManager:
         if rank is None and steps:  # opened without options: rank as the run that saved the steps did
             meta = self.metadata(steps[-1])
             if meta.get("metric_for_best_model") is not None:
-                rank = _ranking(CheckpointOptions(metric_for_best_model=meta["metric_for_best_model"],
+                rank = ranking(CheckpointOptions(metric_for_best_model=meta["metric_for_best_model"],
                                                   greater_is_better=meta["greater_is_better"]))
         if rank is None:
             return None
-        best = _best_index([self._mngr.metrics(s) for s in steps], rank)
+        best = best_index([self._mngr.metrics(s) for s in steps], rank)
         return None if best is None else steps[best]
 
     def resolve_step(self, step: int | str | None = "latest") -> int:
@@ -366,7 +209,7 @@ class CheckpointManager:
     def metadata(self, step: int | str | None = "latest") -> dict:
         """The JSON metadata of a step (rng, data_position, config, hf_config, metrics, ...)."""
         step = self.resolve_step(step)
-        with _read_errors(self, step):
+        with read_errors(self, step):
             meta = self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"step {step} in {self.directory} is not a zerojax checkpoint (its metadata "
@@ -377,7 +220,7 @@ class CheckpointManager:
     def saved_tensors(self, step: int | str | None = "latest") -> dict:
         """The saved state's tree (dicts and lists) with orbax `ArrayMetadata` leaves (name, shape, dtype)."""
         step = self.resolve_step(step)
-        with _read_errors(self, step):
+        with read_errors(self, step):
             return self._mngr.item_metadata(step)[STATE].tree
 
     # --- integrity ----------------------------------------------------------------------------
@@ -389,38 +232,25 @@ class CheckpointManager:
         if step in self._verified:
             return step
         folder = os.path.join(self.directory, str(step))
-        path = os.path.join(folder, INTEGRITY)
-        fallback = self._fallback_hint(step)
-        if not os.path.exists(path):
-            warnings.warn(f"checkpoint step {step} in {self.directory} has no {INTEGRITY} (saved by an older "
-                          "zerojax): its files cannot be verified.", stacklevel=2)
-            self._verified.add(step)
-            return step
+        fallback = self.fallback_hint(step)
         try:
-            with open(path) as f:
-                manifest = json.load(f)
-            expected = manifest["files"]
+            expected = integrity.read_manifest(folder)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: its file "
-                                         f"{INTEGRITY} is unreadable ({e}); {fallback}", step, INTEGRITY) from None
-        for name, (size, digest) in sorted(expected.items()):
-            file = os.path.join(folder, name)
-            if not os.path.isfile(file):
-                raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: file {name} "
-                                             f"is missing; {fallback}", step, name)
-            found = os.path.getsize(file)
-            if found != size:
-                raise CorruptCheckpointError(
-                    f"checkpoint step {step} in {self.directory} is corrupt: file {name} has {found} bytes, "
-                    f"{size} were written (truncated or overwritten); {fallback}", step, name)
-            if _sha256(file) != digest:
-                raise CorruptCheckpointError(
-                    f"checkpoint step {step} in {self.directory} is corrupt: file {name} fails its SHA-256 "
-                    f"check (its bytes changed after the save); {fallback}", step, name)
+                                         f"{integrity.INTEGRITY} is unreadable ({e}); {fallback}", step,
+                                         integrity.INTEGRITY) from None
+        if expected is None:
+            warnings.warn(f"checkpoint step {step} in {self.directory} has no {integrity.INTEGRITY} (saved by an "
+                          "older zerojax): its files cannot be verified.", stacklevel=2)
+        elif damage := integrity.first_damage(folder, expected):
+            name, what = damage
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: file {name} {what}; "
+                                         f"{fallback}", step, name)
         self._verified.add(step)
         return step
 
-    def _fallback_hint(self, step: int) -> str:
+    def fallback_hint(self, step: int) -> str:
+        """What to do when `step` is damaged: the older step to restore, or that none is left."""
         older = [s for s in self.all_steps() if s < step]
         if not older:
             return "no older step is left in the folder; start from scratch or restore from a copy."
@@ -532,135 +362,16 @@ class CheckpointManager:
     def _read(self, step: int, item: dict, saved: dict) -> dict:
         _check_shapes(item, saved, self.directory, step)
         args = ocp.checkpoint_utils.construct_restore_args(item)
-        with _read_errors(self, step):
+        with read_errors(self, step):
             return self._mngr.restore(step, args=ocp.args.Composite(
                 **{STATE: ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=True)}))[STATE]
 
-    def _open_tensor(self, step: int, name: str):
+    def open_tensor(self, step: int, name: str):
         """The saved tensor `name` of `step` as a tensorstore array, read directly from orbax's OCDBT
         store (nothing is read until it is indexed and read)."""
         store = {"driver": "ocdbt", "base": f"file://{os.path.join(self.directory, str(step), STATE)}", "path": name}
-        with _read_errors(self, step):
+        with read_errors(self, step):
             return ts.open({"driver": "auto", "kvstore": store}, read=True).result()
-
-# Read errors that mean damaged files: decode errors, and tensorstore's reports of unreadable data.
-DAMAGE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION|[Ee]rror (reading|opening|decoding)|checksum")
-
-
-@contextlib.contextmanager
-def _write_errors(manager: CheckpointManager, step: int | None):
-    """An OSError or tensorstore write error while writing `step` (None: creating the folder) becomes one
-    `CheckpointWriteError` that says why and what to do; anything else passes unchanged."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (ValueError, OSError) as error:
-        code = getattr(error, "errno", None)
-        found = re.search(r"os_error_code='?(\d+)", str(error))
-        if code is None and found:
-            code = int(found.group(1))
-        if code is None and not isinstance(error, OSError):
-            raise
-        reason = os.strerror(code) if code else str(error)
-        what = "create the checkpoint folder" if step is None else f"write checkpoint step {step}"
-        steps = [] if step is None else manager.all_steps()
-        kept = f" (the steps already saved, {steps}, are intact)" if steps else ""
-        fix = {errno.ENOSPC: "free disk space or point the checkpoints at a larger disk",
-               errno.EROFS: "choose a writable output folder", errno.EACCES: "choose a folder you can write to",
-               errno.EDQUOT: "free quota or point the checkpoints at another disk"}.get(code, "check the folder and the disk")
-        raise CheckpointWriteError(f"cannot {what} in {manager.directory}: {reason}{kept}; {fix}.") from error
-
-
-@contextlib.contextmanager
-def _read_errors(manager: CheckpointManager, step: int):
-    """A read error that means damaged files (of a step without a usable manifest) becomes one
-    `CorruptCheckpointError` naming the step and, when the message has it, the file."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (ValueError, OSError) as error:
-        if not isinstance(error, (OSError, UnicodeDecodeError, json.JSONDecodeError)) and not DAMAGE.search(str(error)):
-            raise
-        found = re.search(r'file "([^"]+)"', str(error))
-        folder = os.path.join(manager.directory, str(step)) + os.sep
-        file = found.group(1).replace(folder, "") if found else None
-        where = f"file {file}" if file else "one of its files"
-        first = " ".join(str(error).split())[:200]
-        raise CorruptCheckpointError(
-            f"checkpoint step {step} in {manager.directory} is corrupt: reading {where} failed ({first}); "
-            f"{manager._fallback_hint(step)}", step, file) from error
-
-
-@dataclasses.dataclass(frozen=True)
-class LazyTensor:
-    """One saved tensor, read as numpy on the host only when called (whole) or when one layer of a
-    stacked tensor is asked for (`layer(i)`): a lazy leaf for `export_hf`."""
-
-    manager: CheckpointManager
-    step: int
-    name: str  # the tensor's name in the checkpoint, e.g. 'master.layers.mlp.gate_proj.kernel.value'
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @functools.cached_property
-    def _array(self):
-        """The tensor in orbax's store, opened once (its metadata only) for every read that follows."""
-        return self.manager._open_tensor(self.step, self.name)
-
-    def __call__(self) -> np.ndarray:
-        return self._read(self._array)
-
-    def layer(self, i: int) -> np.ndarray:
-        """`self()[i]`, reading only the chunks that hold layer `i` (one chunk per layer and shard in
-        checkpoints saved with the model's `hf_config`)."""
-        return self._read(self._array[i])
-
-    def _read(self, array) -> np.ndarray:
-        """`array` as numpy, read one band of chunks along its first axis at a time, so that decoding
-        holds one band beside the result, not a second copy of the tensor."""
-        with _read_errors(self.manager, self.step):
-            if array.rank == 0:
-                return np.asarray(array.read().result())
-            out = np.empty(array.shape, array.dtype.numpy_dtype)
-            band = array.chunk_layout.read_chunk.shape[0]
-            for start in range(0, array.shape[0], band):
-                out[start:start + band] = array[start:start + band].read().result()
-            return out
-
-
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | str = "latest",
-                      dtype: str = "fp32", max_shard_size: int | str = "5GB", overwrite: bool = False,
-                      progress: bool = True):
-    """Writes a checkpoint step as a Hugging Face folder (`config.json` + safetensors), one tensor in
-    memory at a time, from the checkpoint folder alone (the model's `hf_config` is in its metadata);
-    needs no mesh and no accelerator. Returns the folder's path."""
-    manager = CheckpointManager(ckpt_dir, read_only=True)
-    step = manager.resolve_step(step)
-    hf_config = manager.metadata(step)["hf_config"]
-    if not hf_config:
-        raise CheckpointError(
-            f"step {step} in {manager.directory} has no hf_config in its metadata, so the Hugging Face model "
-            "is unknown; save with CheckpointManager.save(..., hf_config=<the model's config dict>)."
-        )
-    try:
-        return export_hf(manager.lazy_weights(step), hf_config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-                         overwrite=overwrite, progress=progress)
-    except FileExistsError:
-        raise
-    except OSError as e:  # the partial folder is already removed; the checkpoint is untouched
-        raise CheckpointWriteError(f"cannot export step {step}: {e}") from e
-
-
-def save_model(state: TrainState, hf_config: dict, out_dir: str | os.PathLike, *, dtype: str = "bf16",
-               max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
-    """DeepSpeed's `stage3_gather_16bit_weights_on_model_save`: the live state's weights (the fp32 master
-    when there is one) gathered tensor by tensor into a consolidated Hugging Face folder in `dtype`."""
-    weights = state.master if state.master is not None else state.params
-    return export_hf(weights, hf_config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-                     overwrite=overwrite, progress=progress)
-
 
 # --- helpers ------------------------------------------------------------------------------------
 def _save_args(tree: dict, hf_config: dict | None) -> dict:
@@ -742,23 +453,6 @@ def _aside(directory: str, step: int) -> str:
     while os.path.exists(name):
         name, n = os.path.join(directory, f"{step}.corrupt.{n}"), n + 1
     return name
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _checksums(folder: str) -> dict[str, list]:
-    """`{relative path: [size, sha256]}` of every file under `folder` but those in `UNCHECKED`."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel not in UNCHECKED:
-                out[rel] = [os.path.getsize(path), _sha256(path)]
-    return out
 
 
 def _jsonable(name: str, value: Any) -> Any:
