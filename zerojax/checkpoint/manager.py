@@ -27,6 +27,8 @@ from zerojax.rules import path_key
 STATE = "state"
 META = "meta"
 FORMAT = "zerojax-checkpoint/1"
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A restored step: the state on the target's shardings and the run's metadata."""
@@ -372,6 +374,7 @@ class CheckpointManager:
         store = {"driver": "ocdbt", "base": f"file://{os.path.join(self.directory, str(step), STATE)}", "path": name}
         with read_errors(self, step):
             return ts.open({"driver": "auto", "kvstore": store}, read=True).result()
+
 
 # --- helpers ------------------------------------------------------------------------------------
 def _save_args(tree: dict, hf_config: dict | None) -> dict:
