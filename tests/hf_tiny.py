@@ -74,4 +74,3 @@ def stage3_plan(config: dict, precision: zj.Precision | None = None, tx=None) ->
 
 
 jitted_logits = jax.jit(models.logits, static_argnums=0)
-
