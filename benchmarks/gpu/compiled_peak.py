@@ -41,16 +41,21 @@ print(json.dumps({"device": jax.devices()[0].device_kind, "model": preset, "laye
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="append the JSON lines here too")
+    parser.add_argument("--case-timeout", type=float, default=90, help="seconds one case may take")
     args = parser.parse_args()
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip(),
            "PYTHONPATH": str(ROOT)}
     failed = 0
     for preset, layers, n in CASES:
-        done = subprocess.run([sys.executable, "-c", ONE, preset, str(layers), str(n)], env=env, capture_output=True,
-                              text=True, timeout=1200)
-        line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else json.dumps(
-            {"model": preset, "layers": layers, "devices": n, "error": done.stderr.strip().splitlines()[-1:]})
-        failed += done.returncode != 0
+        try:
+            done = subprocess.run([sys.executable, "-c", ONE, preset, str(layers), str(n)], env=env,
+                                  capture_output=True, text=True, timeout=args.case_timeout)
+            error = None if done.returncode == 0 else done.stderr.strip().splitlines()[-1:]
+        except subprocess.TimeoutExpired:
+            error = f"not compiled within {args.case_timeout} s"
+        line = done.stdout.strip().splitlines()[-1] if error is None else json.dumps(
+            {"model": preset, "layers": layers, "devices": n, "error": error})
+        failed += error is not None
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:

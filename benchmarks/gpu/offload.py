@@ -1,23 +1,35 @@
-"""Host offload on one GPU: the largest Llama that trains with and without each offload, and step time.
+"""Host offload on one GPU: step time with each offload relative to none, and the largest Llama that trains.
 
-    python benchmarks/gpu/offload.py --out benchmarks/results/gpu_offload.json     # on a GPU machine
-    python benchmarks/gpu/offload.py --smoke                                        # CPU: tiny sizes
+    python benchmarks/gpu/offload.py --out gpu_offload.json                  # one GPU, within --budget-s
+    python benchmarks/gpu/offload.py --smoke --device-memory 40MB            # CPU: tiny sizes, the logic only
 
-For each placement (no offload; optimizer state streamed from pinned host memory; optimizer update
-computed on the host; optimizer state and parameters in pinned host memory) it walks up a ladder of
-Llama shapes and records the largest whose bf16 mixed-precision AdamW step runs (one real step, not
-just a compile), then times every placement on one shared size, in one run, as a ratio against no
-offload. Needs only jax, flax and optax (what the GPU machine has preinstalled).
+Placements: no offload; optimizer state streamed from pinned host memory; optimizer update computed on
+the host; optimizer state and parameters in pinned host memory. All bf16 mixed-precision AdamW (fp32
+master and moments), stage 3 on one device, full remat, layers scanned.
+
+1. Step time: every placement on one shared size (`--time-size`), the median of `--steps` steps after
+   a warm-up step, and its ratio to no offload.
+2. Largest model: for each placement, a ladder of Llama shapes (about 0.2B to 39B parameters). Each
+   rung's device peak and host bytes are predicted by `zerojax.estimate` (analytic, nothing compiled);
+   rungs needing more than `--host-fraction` of the machine's available RAM are not tried (a pinned
+   allocation that large could take the machine down); the largest rung predicted to fit runs one real
+   step, then the next one up until one fails, or the next one down while they fail.
+
+The results file is rewritten after every measurement, so a run cut short keeps what it measured.
+Needs jax, flax and optax (preinstalled on the GPU machine); installs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # JAX's default keeps 25% of the GPU back
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402
@@ -26,6 +38,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import zerojax as zj  # noqa: E402
+from zerojax import estimate as est  # noqa: E402
 from zerojax.models import causal_lm_loss, from_hf_config  # noqa: E402
 
 PLACEMENTS = {
@@ -34,25 +47,26 @@ PLACEMENTS = {
     "optimizer-host": zj.Offload("pinned_host", mode="host"),
     "optimizer+params": zj.Offload("pinned_host", params="pinned_host"),
 }
-# (hidden, layers): about 0.1B to 30B parameters with a 32k vocabulary.
+# (hidden, layers) with a 32k vocabulary: 0.17, 0.94, 2.0, 3.4, 6.7, 12.9, 20.3, 30, 39 billion parameters.
 LADDER = [(1024, 8), (2048, 16), (2560, 24), (3072, 28), (4096, 32), (5120, 40), (6144, 44), (7168, 48), (8192, 48)]
-SMOKE_LADDER = [(64, 2), (128, 2)]
+SMOKE_LADDER = [(64, 2), (128, 2), (192, 4), (256, 4)]
 
 
 def llama(hidden: int, layers: int, vocab: int) -> dict:
-    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": int(hidden * 8 / 3) // 64 * 64,
-            "num_hidden_layers": layers, "num_attention_heads": max(hidden // 128, 1), "num_key_value_heads": max(hidden // 128, 1),
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    heads = max(hidden // 128, 1)
+    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+            "intermediate_size": int(hidden * 8 / 3) // 64 * 64, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False}
 
 
-def build(config: dict, offload, seq: int, batch: int):
-    """(step, state, batch) for one device, bf16 compute with fp32 master and AdamW moments."""
+def run_steps(config: dict, offload, seq: int, batch: int, steps: int) -> list[float]:
+    """Builds the state in its placement and runs 1 + `steps` real steps: the seconds of the last `steps`."""
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: from_hf_config(config, remat="full"))
     graphdef, shapes = nnx.split(abstract, nnx.Param)
-    mesh = zj.make_mesh(devices=jax.devices()[:1])
-    plan = zj.make_plan(shapes, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3), zj.Precision.bf16(),
-                        scanned=("layers",), offload=offload)
+    plan = zj.make_plan(shapes, optax.adamw(1e-4), zj.ZeroRules(zj.make_mesh(devices=jax.devices()[:1]), stage=3),
+                        zj.Precision.bf16(), scanned=("layers",), offload=offload)
     leaves, treedef = jax.tree.flatten(shapes)
 
     def init():  # random weights made inside init_state's program, straight into their placement
@@ -63,73 +77,137 @@ def build(config: dict, offload, seq: int, batch: int):
     state = zj.init_state(init, plan)
     step = zj.make_train_step(causal_lm_loss(graphdef), plan)
     data = {"input_ids": np.random.default_rng(0).integers(0, config["vocab_size"], (batch, seq + 1)).astype(np.int32)}
-    return step, state, data, sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
-
-
-def fits(config, offload, seq, batch) -> int | None:
-    """The parameter count if one step runs, else None (out of memory)."""
-    try:
-        step, state, data, n = build(config, offload, seq, batch)
+    times = []
+    for i in range(1 + steps):
+        start = time.perf_counter()
         state, metrics = step(state, data)
         float(metrics["loss"])
-        return n
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Allocator" in text
+
+
+def trains(config: dict, offload, seq: int, batch: int) -> bool:
+    """Whether one real step runs (False: out of memory, at initialisation or in the step)."""
+    try:
+        run_steps(config, offload, seq, batch, 0)
+        return True
     except Exception as e:  # XlaRuntimeError RESOURCE_EXHAUSTED, or an allocation failure at init
-        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower() or "Allocator" in str(e):
-            return None
+        if out_of_memory(e):
+            return False
         raise
+    finally:
+        gc.collect()
+        jax.clear_caches()
 
 
-def step_ms(config, offload, seq, batch, steps: int) -> float:
-    step, state, data, _ = build(config, offload, seq, batch)
-    state, m = step(state, data)
-    float(m["loss"])
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = step(state, data)
-        float(m["loss"])
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+def available_host_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def predict(config: dict, offload, seq: int, batch: int) -> est.StageEstimate:
+    return est.estimate(config, 1, 3, seq=seq, micro_batch=batch, offload_optimizer=offload is not None,
+                        offload_param=offload is not None and offload.params is not None)
+
+
+def largest(name: str, offload, args, device_bytes: int, host_bytes: int, deadline: float, into: dict, save) -> None:
+    """`into[name]`: the placement's ladder (predictions for every rung, real steps around the predicted
+    boundary) and the largest rung that trained."""
+    rows, peaks = [], []
+    for hidden, layers in args.ladder:
+        e = predict(llama(hidden, layers, args.vocab), offload, args.seq, args.batch)
+        rows.append({"hidden": hidden, "layers": layers, "params": e.params,
+                     "predicted_device_gib": round(e.analytic_peak_bytes / 2**30, 2),
+                     "host_gib": round(e.host_bytes / 2**30, 2)})
+        peaks.append(e.analytic_peak_bytes)
+        if e.host_bytes > args.host_fraction * host_bytes:
+            rows[-1]["trains"] = "not tried: host memory"
+            break
+    into[name] = record = {"ladder": rows, "largest": None}
+    triable = {i for i, r in enumerate(rows) if "trains" not in r}
+    fitting = [i for i in sorted(triable) if peaks[i] <= device_bytes]
+
+    def attempt(i: int) -> bool:
+        if time.monotonic() > deadline:
+            rows[i]["trains"] = "not tried: time"
+            return False
+        ok = trains(llama(rows[i]["hidden"], rows[i]["layers"], args.vocab), offload, args.seq, args.batch)
+        rows[i]["trains"] = "yes" if ok else "out of memory"
+        if ok:  # walking up, each success is larger; walking down, the first success ends the walk
+            record["largest"] = rows[i]
+        print(f"{name:20} {rows[i]['params'] / 1e9:6.2f}B -> {rows[i]['trains']}", flush=True)
+        save()
+        return ok
+
+    i = fitting[-1] if fitting else 0
+    if i in triable and attempt(i):
+        while i + 1 in triable and attempt(i + 1):
+            i += 1
+    else:
+        while i - 1 in triable and not attempt(i - 1):
+            i -= 1
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a CPU")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--time-size", default="2560x24", help="HIDDENxLAYERS of the step-time model (about 2B)")
+    p.add_argument("--device-memory", help="bytes per device when the device reports no limit (CPU)")
+    p.add_argument("--host-fraction", type=float, default=0.7, help="most of the available host RAM to plan on")
+    p.add_argument("--budget-s", type=float, default=330, help="no new real run of the ladder starts after this")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    ladder, vocab = (SMOKE_LADDER, 256) if args.smoke else (LADDER, 32000)
-    seq = 16 if args.smoke else args.seq
+    start = time.monotonic()
+    args.ladder, args.vocab = (SMOKE_LADDER, 256) if args.smoke else (LADDER, 32000)
+    if args.smoke:
+        args.seq, args.time_size = 16, "64x2"
     device = jax.devices()[0]
-    result = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__, "seq": seq,
-              "batch": args.batch, "largest": {}, "step_ms": {}, "errors": {}}
-    for name, offload in PLACEMENTS.items():  # a placement that fails otherwise is recorded, the run goes on
-        largest = None
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    device_bytes = est.parse_bytes(args.device_memory) if args.device_memory else limit
+    if not device_bytes:
+        p.error(f"{device.platform} reports no memory limit; pass --device-memory")
+    host_bytes = available_host_bytes()
+    result = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__,
+              "device_limit_gib": round(device_bytes / 2**30, 2), "host_available_gib": round(host_bytes / 2**30, 2),
+              "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"], "seq": args.seq, "batch": args.batch,
+              "time_size": args.time_size, "step_ms": {}, "step_ratio": {}, "largest": {}, "errors": {}}
+
+    def save():
+        if args.out:
+            args.out.with_suffix(".tmp").write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(args.out.with_suffix(".tmp"), args.out)
+
+    hidden, layers = (int(x) for x in args.time_size.split("x"))
+    for name, offload in PLACEMENTS.items():  # a placement that fails is recorded and the run goes on
         try:
-            for hidden, layers in ladder:
-                n = fits(llama(hidden, layers, vocab), offload, seq, args.batch)
-                print(f"{name:20} hidden={hidden:5} layers={layers:3} -> {'fits' if n else 'out of memory'}", flush=True)
-                if n is None:
-                    break
-                largest = {"hidden": hidden, "layers": layers, "params": n}
+            times = run_steps(llama(hidden, layers, args.vocab), offload, args.seq, args.batch, args.steps)
+            result["step_ms"][name] = round(1000 * float(np.median(times)), 2)
+            if "none" in result["step_ms"]:
+                result["step_ratio"][name] = round(result["step_ms"][name] / result["step_ms"]["none"], 3)
         except Exception as e:
-            result["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        result["largest"][name] = largest
-    common = result["largest"]["none"]
-    config = llama(common["hidden"], common["layers"], vocab)
+            result["errors"][f"step time {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        gc.collect()
+        jax.clear_caches()
+        print(f"{name:20} step {result['step_ms'].get(name)} ms", flush=True)
+        save()
     for name, offload in PLACEMENTS.items():
         try:
-            result["step_ms"][name] = step_ms(config, offload, seq, args.batch, args.steps)
+            largest(name, offload, args, device_bytes, host_bytes, start + args.budget_s, result["largest"], save)
         except Exception as e:
-            result["errors"].setdefault(name, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    base = result["step_ms"]["none"]
-    result["step_ratio"] = {k: round(v / base, 3) for k, v in result["step_ms"].items()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+            result["errors"][f"largest {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        save()
+    result["seconds"] = round(time.monotonic() - start, 1)
+    save()
+    print(json.dumps(result, indent=2))
     return 0
 
 
