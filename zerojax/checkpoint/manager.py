@@ -43,7 +43,7 @@ class Restored:
 
 
 class CheckpointManager:
-    """Saves and restores a ZeRO run's checkpoints under `directory` (see the module docstring).
+    """Saves and restores a ZeRO run's checkpoints under `directory` (see the `zerojax.checkpoint` docstring).
 
     `read_only=True` opens an existing checkpoint folder (an error if it is missing or holds no
     complete step) and never writes or deletes anything.
