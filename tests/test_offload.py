@@ -165,3 +165,37 @@ def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch,
     assert len(fetched) == len(stacked)
     assert all(shape == x.sharding.shard_shape(x.shape)[1:] for (shape, _), x in zip(fetched, stacked))
     assert {space for _, space in fetched} == {jax.memory.Space.Host}
+
+
+def test_offloaded_state_larger_than_the_machine_is_refused_before_it_is_allocated(monkeypatch, tmp_path):
+    """Pinned memory cannot be swapped: a state whose pinned bytes exceed the machine's RAM is an error
+    naming the size and the fix (at init and at restore), one that exceeds what is available a warning."""
+    from zerojax import offload as offload_module
+    from zerojax.checkpoint import CheckpointManager
+
+    total, available = offload_module.machine_memory()
+    assert 0 < available <= total
+    params = tiny.init_params()
+    plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
+                        offload=zj.Offload("pinned_host", params="pinned_host"))
+    need = offload_module.host_bytes_in_process(plan.abstract_state())
+    assert need == {"pinned_host": 8 * zj.memory_report(plan).host_bytes, "unpinned_host": 0}  # 8 local devices
+    state = zj.init_state(params, plan)
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(state)
+    created = []
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: created.append(a) or pytest.fail("allocated"))
+    monkeypatch.setattr(offload_module, "machine_memory", lambda: (need["pinned_host"] - 1, need["pinned_host"] - 1))
+    with pytest.raises(ValueError, match=r"^init_state: the offloaded state needs \d+\.\d MiB of pinned host memory in "
+                                         r"this process, more than this machine's .*offload_optimizer.ratio below 1"):
+        zj.init_state(params, plan)
+    assert created == []
+    monkeypatch.undo()
+    monkeypatch.setattr(offload_module, "machine_memory", lambda: (need["pinned_host"] - 1, need["pinned_host"] - 1))
+    with pytest.raises(ValueError, match=r"^restore of step 0: the offloaded state needs"):
+        CheckpointManager(tmp_path, read_only=True).restore(plan)
+    monkeypatch.setattr(offload_module, "machine_memory", lambda: (need["pinned_host"], need["pinned_host"] - 1))
+    with pytest.warns(UserWarning, match=r"init_state: .* only \d+\.\d MiB of \d+\.\d MiB is available now") as record:
+        again = zj.init_state(params, plan)
+    assert len(record) == 1
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(again.params)} == {"pinned_host"}

@@ -82,6 +82,63 @@ def leaf_bytes(x) -> int:
     return math.prod(x.shape) * x.dtype.itemsize
 
 
+def host_bytes_in_process(tree) -> dict[str, int]:
+    """Bytes per host memory kind that this process holds for `tree` (arrays or ShapeDtypeStructs with
+    shardings): every addressable shard of a leaf placed in `pinned_host` or `unpinned_host`."""
+    out = dict.fromkeys(HOST_KINDS, 0)
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and sharding.memory_kind in HOST_KINDS:
+            shard = math.prod(sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            out[sharding.memory_kind] += shard * len(sharding.addressable_devices)
+    return out
+
+
+def machine_memory() -> tuple[int, int] | None:
+    """(total, available) bytes of this machine's RAM, within the process's cgroup limit where one is set;
+    None where the platform does not say (no /proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+        total, available = info["MemTotal"], info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit.isdigit():
+            total, available = min(total, int(limit)), min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return total, available
+
+
+def check_host_memory(tree, where: str) -> None:
+    """Before `tree`'s host-offloaded leaves are allocated: an error when their pinned bytes exceed this
+    machine's RAM (pinned memory cannot be swapped: the process would be killed), one warning when all
+    their host bytes exceed the RAM available now."""
+    need = host_bytes_in_process(tree)
+    memory = machine_memory()
+    if memory is None or not sum(need.values()):
+        return
+    total, available = memory
+    if need["pinned_host"] > total:
+        raise ValueError(
+            f"{where}: the offloaded state needs {_size(need['pinned_host'])} of pinned host memory in this process, "
+            f"more than this machine's {_size(total)}; offload less (offload_optimizer.ratio below 1, no "
+            "offload_param) or spread the run over more machines so that each process holds a smaller shard."
+        )
+    if sum(need.values()) > available:
+        warnings.warn(
+            f"{where}: the offloaded state needs {_size(sum(need.values()))} of host memory in this process but "
+            f"only {_size(available)} of {_size(total)} is available now; the process may be killed for memory. "
+            "Free memory, or offload less.", stacklevel=3)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def to_memory(tree, shardings, kind: str):
     """Each leaf of `tree` moved to memory `kind`, keeping its sharding (inside `jit`)."""
     return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind(kind)), tree, shardings)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from zerojax.offload import Offload, leaf_bytes, offloaded_leaves
+from zerojax.offload import Offload, check_host_memory, leaf_bytes, offloaded_leaves
 from zerojax.precision import LossScaleState, Precision
 from zerojax.rules import ZeroRules
 
@@ -157,10 +157,11 @@ def init_state(params: Any, plan: ZeroPlan) -> TrainState:
     `params` may also be a function of no arguments returning them (an initialiser): it then runs
     inside the same jitted program, so no device ever holds the whole model.
     """
+    check_params(jax.eval_shape(params) if callable(params) else params, plan, "init_state")
+    if plan.offload.optimizer or plan.offload.params:
+        check_host_memory(plan.abstract_state(), "init_state")
     if callable(params):
-        check_params(jax.eval_shape(params), plan, "init_state")
         return jax.jit(lambda: _fresh_state(plan, params()), out_shardings=plan.state_shardings)()
-    check_params(params, plan, "init_state")
     return jax.jit(lambda p: _fresh_state(plan, p), out_shardings=plan.state_shardings)(params)
 
 

@@ -21,6 +21,7 @@ from zerojax.checkpoint import integrity
 from zerojax.checkpoint.errors import CheckpointError, CorruptCheckpointError, read_errors, write_errors
 from zerojax.checkpoint.lazy import LazyTensor
 from zerojax.checkpoint.options import CheckpointOptions, KeepBestAndLatest, best_index, ranking
+from zerojax.offload import check_host_memory
 from zerojax.plan import TrainState, ZeroPlan
 from zerojax.rules import path_key
 
@@ -308,6 +309,7 @@ class CheckpointManager:
                 "restore_weights(), or save with save_only_model=False."
             )
         abstract = _abstract(target)
+        check_host_memory(abstract, f"restore of step {step}")
         source = "master" if "master" in saved else "params"
         item = {source: _weights_target(abstract), "opt_state": abstract.opt_state,
                 "step": abstract.step, "skipped": abstract.skipped}
@@ -332,6 +334,7 @@ class CheckpointManager:
         step = self._checked(step)
         saved = self.saved_tensors(step)
         abstract = _abstract(target)
+        check_host_memory((abstract.params, abstract.master), f"restore of step {step}")
         source = "master" if "master" in saved else "params"
         got = self._read(step, {source: _weights_target(abstract)}, saved)
         return _weights(got[source], abstract)
