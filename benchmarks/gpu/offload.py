@@ -39,6 +39,7 @@ from flax import nnx  # noqa: E402
 
 import zerojax as zj  # noqa: E402
 from zerojax import estimate as est  # noqa: E402
+from zerojax.offload import machine_memory  # noqa: E402
 from zerojax.models import causal_lm_loss, from_hf_config  # noqa: E402
 
 PLACEMENTS = {
@@ -105,12 +106,6 @@ def trains(config: dict, offload, seq: int, batch: int) -> bool:
         jax.clear_caches()
 
 
-def available_host_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-
-
 def predict(config: dict, offload, seq: int, batch: int) -> est.StageEstimate:
     return est.estimate(config, 1, 3, seq=seq, micro_batch=batch, offload_optimizer=offload is not None,
                         offload_param=offload is not None and offload.params is not None)
@@ -175,7 +170,7 @@ def main() -> int:
     device_bytes = est.parse_bytes(args.device_memory) if args.device_memory else limit
     if not device_bytes:
         p.error(f"{device.platform} reports no memory limit; pass --device-memory")
-    host_bytes = available_host_bytes()
+    host_bytes = machine_memory()[1]  # available now
     result = {"device": getattr(device, "device_kind", device.platform), "jax": jax.__version__,
               "device_limit_gib": round(device_bytes / 2**30, 2), "host_available_gib": round(host_bytes / 2**30, 2),
               "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"], "seq": args.seq, "batch": args.batch,
