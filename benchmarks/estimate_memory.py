@@ -6,8 +6,8 @@
 
 One JSON line per stage (compiled ahead of time on N simulated CPU devices, nothing allocated) with
 the ZeRO paper's formula (16-bit gradients), the formula at zerojax's byte widths (fp32 gradient
-accumulator, or bf16 with ACCUM=bf16), DeepSpeed's estimator (REFERENCE.md section 4) and the communication theory (2Ψ / 3Ψ
-16-bit elements). Results: benchmarks/results/estimate_memory.md. Extra arguments: stages to run.
+accumulator, or bf16 with ACCUM=bf16), DeepSpeed's estimator (`estimate_zero2_model_states_mem_needs`,
+`estimate_zero3_model_states_mem_needs`) and the communication theory (2Ψ / 3Ψ 16-bit elements). Results: benchmarks/results/estimate_memory.md. Extra arguments: stages to run.
 """
 import json
 import os

@@ -1,5 +1,6 @@
-"""Every real DeepSpeed config in ../shared/ds_configs/ is handled: it loads and maps to the expected
-stage, precision, offload, optimizer and batch sizes, or fails with a clear error. A file added to the
+"""Every real DeepSpeed config in tests/ds_configs/ (30 files from public projects, listed with their
+sources in its SOURCES.md) is handled: it loads and maps to the expected stage, precision, offload,
+optimizer and batch sizes, or fails with a clear error. A file added to the
 directory without an entry in EXPECTED fails here until it is described."""
 
 import json
@@ -14,7 +15,7 @@ import zerojax as zj
 from zerojax.args import TrainingArguments
 from zerojax.config import ConfigDeprecationWarning, ConfigError, ConfigWarning, load_config
 
-CORPUS = Path(__file__).parents[1].parent / "shared" / "ds_configs"
+CORPUS = Path(__file__).parent / "ds_configs"
 FILES = sorted(p.name for p in CORPUS.iterdir() if p.is_file() and p.name != "SOURCES.md")
 H = 1024  # hidden size for the hidden-size "auto" values
 

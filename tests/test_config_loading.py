@@ -418,7 +418,7 @@ def test_loader_returns_config_or_config_error(config, with_args, ws, hidden):
     cfg.mesh_shape(ws)
 
 
-CORPUS = Path(__file__).parents[1].parent / "shared" / "ds_configs"
+CORPUS = Path(__file__).parent / "ds_configs"
 CORPUS_JSON = []
 for _path in sorted(CORPUS.glob("*")):
     try:

@@ -1,6 +1,6 @@
 """DeepSpeed schedulers and Hugging Face lr_scheduler_type reproduced step for step.
 
-The references below are written from REFERENCE.md §1 in plain Python floats; the optax schedules are
+The references below are written from DeepSpeed's `deepspeed/runtime/lr_schedules.py` (v0.19.6) in plain Python floats; the optax schedules are
 evaluated in float64 (`jax.enable_x64`) and must agree to 1e-7 relative at steps 0, 1, n−1, n, n+1,
 T−1, T, T+10, and in the default float32 to float32 rounding.
 """

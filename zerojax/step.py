@@ -2,7 +2,7 @@
 
 Forward and backward run per device inside `shard_map` over the data-parallel axes, so the
 collectives are the ones ZeRO prescribes on every backend (XLA:CPU would otherwise turn a
-reduce-scatter into all-reduce + slice, DESIGN.md fact 3):
+reduce-scatter into all-reduce + slice):
 
 1. stage-3 parameter shards are all-gathered in the compute dtype before use;
 2. each micro-batch's gradient is reduce-scattered over the leaf's gradient axes (stages 2–3) in the
