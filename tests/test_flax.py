@@ -72,4 +72,4 @@ def test_linen_params():
     ref, _ = train(params, loss_fn, jax.devices()[:1], 0)
     losses, state = train(params, loss_fn, jax.devices(), 3)
     np.testing.assert_allclose(losses, ref, rtol=1e-5)
-    assert state.params["layers_0"]["kernel"].sharding.spec == P(None, "fsdp")
+    assert state.params["layers_0"]["kernel"].sharding.spec == P("fsdp", None)

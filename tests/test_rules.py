@@ -30,14 +30,17 @@ def test_mesh_shapes():
 ])
 def test_stage_layouts(mesh, stage, param, grad, opt):
     layout = zj.ZeroRules(mesh, stage=stage).layout((16, 64))
-    expect = lambda axis: P(None, axis) if axis else P(None, None)
+    expect = lambda axis: P(axis, None) if axis else P(None, None)
     assert (layout.param_spec, layout.grad_spec, layout.opt_spec) == (expect(param), expect(grad), expect(opt))
 
 
-def test_largest_divisible_free_dimension_and_base_spec_kept():
+def test_first_divisible_free_dimension_and_base_spec_kept():
+    """The major-most divisible dimension carries the ZeRO axes (as FSDP2 shards dim 0): a shard is one
+    contiguous block, so gathers and scatters need no transposed copy of the tensor."""
     mesh = zj.make_mesh(tensor=2)  # fsdp = 4
     rules = zj.ZeroRules(mesh, stage=3)
     assert rules.layout((64, 16)).param_spec == P("fsdp", None)
+    assert rules.layout((16, 64)).param_spec == P("fsdp", None)
     assert rules.layout((6, 16)).param_spec == P(None, "fsdp")
     assert rules.layout((64, 16), P("tensor", None)).param_spec == P("tensor", "fsdp")
     assert rules.layout((4, 64, 16), stacked=True).param_spec == P(None, "fsdp", None)
@@ -49,7 +52,7 @@ def test_indivisible_replicated_and_threshold(mesh):
     assert odd.dim is None and "divisible" in odd.note
     small = rules.layout((8, 8))
     assert small.param_spec == P(None, None) and small.opt_spec == P("fsdp", None) and "persistent" in small.note
-    assert rules.layout((8, 256)).param_spec == P(None, "fsdp")
+    assert rules.layout((8, 256)).param_spec == P("fsdp", None)
 
 
 def test_hierarchies():

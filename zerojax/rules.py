@@ -140,7 +140,8 @@ class ZeroRules:
         }[self.stage]
 
     def layout(self, shape: tuple[int, ...], base: P | tuple | None = None, stacked: bool = False) -> LeafLayout:
-        """The layout of one tensor of `shape` whose model-given spec is `base`.
+        """The layout of one tensor of `shape` whose model-given spec is `base`: the ZeRO axes go to the
+        first dimension that `base` leaves free and that they divide (as FSDP2 shards dim 0).
 
         A `stacked` tensor carries a leading layer axis that a scan walks over: that axis is never
         sharded and the persistence threshold applies to one layer's slice.
@@ -157,7 +158,7 @@ class ZeroRules:
         if not free:
             why = f"replicated: no free dimension divisible by {ways}"
             return LeafLayout(shape, entries, None, note=why, stacked=stacked)
-        dim = max(free, key=lambda d: (shape[d], -d))
+        dim = free[0]  # the major-most: a shard is one contiguous block (no transposed copy to gather it)
         note = "sharded"
         if param and math.prod(shape[first:]) < self.persistence_threshold:
             param, note = (), "parameter persistent (below persistence threshold)"
