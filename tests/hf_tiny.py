@@ -65,10 +65,11 @@ def token_ids(batch: int = 2, length: int = 12, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
 
 
-def stage3_plan(config: dict, precision: zj.Precision | None = None, tx=None) -> zj.ZeroPlan:
-    """A stage-3 plan over all 8 devices for the model `config` describes, layers gathered one at a time."""
+def stage3_plan(config: dict, precision: zj.Precision | None = None, tx=None, stage: int = 3) -> zj.ZeroPlan:
+    """A stage-3 (or `stage`) plan over all 8 devices for the model `config` describes, layers gathered one
+    at a time."""
     _, abstract = models.abstract_model(config)
-    rules = zj.ZeroRules(zj.make_mesh(), stage=3)
+    rules = zj.ZeroRules(zj.make_mesh(), stage=stage)
     return zj.make_plan(abstract, tx or optax.sgd(0.1), rules, precision or zj.Precision.fp32(),
                         scanned=models.stacked_layers(config))
 

@@ -170,7 +170,7 @@ def test_restore_onto_any_layout_is_exact(tmp_path, source, target):
 
 
 def test_precision_changes_between_save_and_restore(tmp_path):
-    bf16 = make(stage=3, precision=zj.Precision.bf16())
+    bf16 = make(stage=2, precision=zj.Precision.bf16())
     with CheckpointManager(tmp_path / "bf16") as manager:
         _, _, mixed = run(bf16, zj.init_state(init_params(), bf16), 0, 2, manager=manager, save_at=2)
     # bf16 (with fp32 master) -> fp32: the parameters are the saved master weights.
@@ -179,6 +179,18 @@ def test_precision_changes_between_save_and_restore(tmp_path):
     assert state.master is None
     leaves_equal(state.params, mixed.master)
     leaves_equal(state.opt_state, mixed.opt_state)
+    # bf16 stage 2 -> bf16 stage 3, whose fp32 parameter shards are the master weights (no 16-bit copy).
+    stage3 = make(stage=3, precision=zj.Precision.bf16())
+    assert not stage3.keeps_master
+    state = CheckpointManager(tmp_path / "bf16", read_only=True).restore(stage3).state
+    assert state.master is None and {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    leaves_equal(state.params, mixed.master)
+    # and back: the stage-3 checkpoint's parameters become the stage-2 master and its compute copy.
+    with CheckpointManager(tmp_path / "stage3") as manager:
+        manager.save(state)
+    again = CheckpointManager(tmp_path / "stage3", read_only=True).restore(bf16).state
+    leaves_equal(again.master, mixed.master)
+    leaves_equal(again.params, mixed.params)
     # fp32 -> bf16: the master is the saved parameters, the compute copy is cast from it.
     with CheckpointManager(tmp_path / "fp32") as manager:
         _, _, single = run(fp32, zj.init_state(init_params(), fp32), 0, 2, manager=manager, save_at=2)
@@ -249,8 +261,9 @@ def test_save_only_model(tmp_path):
         with pytest.raises(CheckpointError, match="save_only_model=True.*restore_weights"):
             manager.restore(plan)
         params, master = manager.restore_weights(make(jax.devices()[:2], stage=1, precision=zj.Precision.bf16()))
-    leaves_equal(params, snapshot.params)
-    leaves_equal(master, jax.tree.map(lambda x: x.astype(jnp.float32), snapshot.params))
+    # ZeRO-3's parameters are its fp32 weights: a stage-1 target gets them as master, cast as compute copy.
+    leaves_equal(master, snapshot.params)
+    leaves_equal(params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), snapshot.params))
 
 
 def test_bad_input_names_expected_and_found(tmp_path):

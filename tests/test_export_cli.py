@@ -26,11 +26,11 @@ from zerojax.hf import load_pretrained
 CONFIG = "llama"
 
 
-def train_and_save(folder, precision, steps, hf_config=None):
-    """The tiny Llama (stage 3, 8 devices) from the PyTorch weights, trained `steps` steps and saved
-    after each (with loss metrics 3, 1, 2, ...); with `steps=0` the initial state is saved untrained."""
+def train_and_save(folder, precision, steps, hf_config=None, stage=3):
+    """The tiny Llama (stage 3 unless `stage`, 8 devices) from the PyTorch weights, trained `steps` steps and
+    saved after each (with loss metrics 3, 1, 2, ...); with `steps=0` the initial state is saved untrained."""
     config = hf_tiny.hf_config(CONFIG)
-    plan = hf_tiny.stage3_plan(config, precision, tx=optax.adamw(1e-2))
+    plan = hf_tiny.stage3_plan(config, precision, tx=optax.adamw(1e-2), stage=stage)
     src = folder.parent / f"{folder.name}-src"
     hf_tiny.torch_model(CONFIG).save_pretrained(src)
     state = zj.init_state(load_pretrained(src, plan), plan)
@@ -87,7 +87,7 @@ def test_lazy_weights_read_stacked_layers_one_layer_at_a_time(tmp_path):
 
 
 def test_mixed_precision_exports_the_fp32_master(tmp_path):
-    _, graphdef, state = train_and_save(tmp_path / "ck", zj.Precision.bf16(), steps=0)
+    _, graphdef, state = train_and_save(tmp_path / "ck", zj.Precision.bf16(), steps=0, stage=2)  # bf16 copy + master
     out = export_checkpoint(tmp_path / "ck", tmp_path / "hf", dtype="fp32", progress=False)
     master = np.asarray(hf_tiny.jitted_logits(graphdef, state.master, hf_tiny.token_ids()))
     exported = torch_logits(out)

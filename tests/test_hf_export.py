@@ -238,8 +238,8 @@ def test_trained_bf16_export_generates_same_tokens(imported, tmp_path):
     out = export_hf(state.params, config, tmp_path / "trained", dtype="bf16", progress=False)
 
     prompt = hf_tiny.token_ids(batch=2, length=4, seed=3)
-    fp32 = jax.tree.map(lambda x: x.astype(jnp.float32), state.params)
-    ours = np.asarray(models.generate(graphdef, fp32, jnp.asarray(prompt), 20))
+    exported = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), state.params)  # as written
+    ours = np.asarray(models.generate(graphdef, exported, jnp.asarray(prompt), 20))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         theirs = hf.generate(torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=20, do_sample=False,

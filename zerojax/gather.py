@@ -1,14 +1,20 @@
 """Gather on use: a parameter becomes whole where the model uses it, and its gradient leaves as a shard.
 
-Inside the train step a rank holds only its shard of a stage-3 parameter: `gather` all-gathers it in
-the compute dtype, and its gradient is reduce-scattered straight back to the shard (in the reduce
-dtype). A stage-2 parameter is whole already: `scatter_grad` uses it as is and reduce-scatters its
-gradient. Either way neither the full parameter nor its full gradient outlives its use.
+Inside the train step a rank holds only its shard of a stage-3 parameter: `gather` casts it to the
+compute dtype and all-gathers it, and its gradient is reduce-scattered straight back to the shard's
+size (in the reduce dtype). A parameter that is whole already (stages 0–2, persistent parameters) is
+used as is, and `scatter_grad` reduce-scatters its gradient over the gradient axes (none at stages
+0–1). Either way neither the full parameter nor its full gradient outlives its use.
+
+The gradient does not flow back into the stored parameter (which may be the fp32 master weights):
+it lands in a *carrier*, a zero placeholder of the gradient shard's shape in the reduce dtype that
+the train step differentiates with respect to. So the backward pass of a scanned model stacks 16-bit
+gradient shards, never fp32 copies.
 
 Models that scan over stacked layers call `gather_on_use` on each layer's parameters inside the scan
-body; the train step then hands those parameters to the model as `Sharded` shards (see
-`make_plan(scanned=...)`), and only one layer is ever gathered at a time. Outside a train step
-there are no `Sharded` leaves and `gather_on_use` returns its input unchanged.
+body; the train step then hands those parameters to the model as `Sharded` nodes, and only one layer
+is ever gathered at a time. Outside a train step there are no `Sharded` leaves and `gather_on_use`
+returns its input unchanged.
 """
 
 from __future__ import annotations
@@ -24,41 +30,38 @@ from jax import lax
 from zerojax.offload import fetch
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def gather(x: jax.Array, axes: tuple[str, ...], dim: int, reduce_dtype: np.dtype) -> jax.Array:
-    """All-gathers `x` over mesh `axes` along `dim`; the gradient is reduce-scattered back in `reduce_dtype`."""
+def _scatter(g: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool) -> jax.Array:
+    """`g` reduce-scattered over `axes` along `dim` in `dtype` (a carrier's), in host memory if `on_host`."""
+    g = g.astype(dtype)
+    if axes:
+        g = lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+    return jax.device_put(g, jax.memory.Space.Host) if on_host else g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def gather(x: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool) -> jax.Array:
+    """All-gathers `x` over mesh `axes` along `dim`; the gradient is reduce-scattered into `carrier`
+    (of `dtype`, in host memory if `on_host`)."""
     return lax.all_gather(x, axes, axis=dim, tiled=True)
 
 
-def _gather_fwd(x, axes, dim, reduce_dtype):
-    return gather(x, axes, dim, reduce_dtype), None
+gather.defvjp(
+    lambda x, carrier, *static: (gather(x, carrier, *static), None),
+    lambda axes, dim, dtype, on_host, _, g: (None, _scatter(g, axes, dim, dtype, on_host)),
+)
 
 
-def _gather_bwd(axes, dim, reduce_dtype, _, g):
-    shard = lax.psum_scatter(g.astype(reduce_dtype), axes, scatter_dimension=dim, tiled=True)
-    return (shard.astype(g.dtype),)
-
-
-gather.defvjp(_gather_fwd, _gather_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def scatter_grad(full: jax.Array, placeholder: jax.Array, axes, dim: int, reduce_dtype) -> jax.Array:
-    """Returns the replicated `full` unchanged; its gradient is reduce-scattered over `axes` along
-    `dim` and handed to `placeholder` (a zero array of the gradient shard's shape, `full`'s dtype)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def scatter_grad(full: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool) -> jax.Array:
+    """Returns the whole `full` unchanged; its gradient is reduce-scattered over `axes` (none: only cast)
+    along `dim` into `carrier` (as for `gather`)."""
     return full
 
 
-def _scatter_grad_fwd(full, placeholder, axes, dim, reduce_dtype):
-    return full, None
-
-
-def _scatter_grad_bwd(axes, dim, reduce_dtype, _, g):
-    shard = lax.psum_scatter(g.astype(reduce_dtype), axes, scatter_dimension=dim, tiled=True)
-    return None, shard.astype(g.dtype)
-
-
-scatter_grad.defvjp(_scatter_grad_fwd, _scatter_grad_bwd)
+scatter_grad.defvjp(
+    lambda full, carrier, *static: (full, None),
+    lambda axes, dim, dtype, on_host, _, g: (None, _scatter(g, axes, dim, dtype, on_host)),
+)
 
 
 @jax.tree_util.register_dataclass
@@ -66,40 +69,39 @@ scatter_grad.defvjp(_scatter_grad_fwd, _scatter_grad_bwd)
 class Sharded:
     """A parameter as one rank holds it inside the train step, made whole by `gather_on_use`.
 
-    Stage 3: `shard` is the rank's shard and `full` is None; using it all-gathers the shard (first
-    copying it to device memory when `on_host`: parameter offload, one layer at a time).
-    Stage 2: `full` is the replicated tensor and `shard` a zero placeholder of its gradient shard's
-    shape; using it returns `full`, and its gradient is reduce-scattered into `shard`'s gradient.
-    `dim` counts from the last dimension (negative), so it stays right when `lax.scan` strips the
-    leading layer axis.
+    `value` is what the rank stores: its shard when `gathered` (stage 3), else the whole tensor. Using
+    it casts `value` to `compute_dtype` (first copying it to device memory when `on_host`: parameter
+    offload, one layer at a time), all-gathers it over `axes` when `gathered`, and routes the gradient,
+    reduce-scattered over `axes`, to `carrier`. `dim` counts from the last dimension (negative), so it
+    stays right when `lax.scan` strips the leading layer axis.
     """
 
-    shard: jax.Array
-    full: jax.Array | None
+    value: jax.Array
+    carrier: jax.Array
     axes: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
     dim: int = dataclasses.field(metadata=dict(static=True))
-    reduce_dtype: Any = dataclasses.field(metadata=dict(static=True))
+    gathered: bool = dataclasses.field(metadata=dict(static=True))
+    compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
     on_host: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the whole tensor."""
-        if self.full is not None:
-            return tuple(self.full.shape)
-        shape = list(self.shard.shape)
-        shape[self.dim] *= _axes_size(self.axes)
+        shape = list(self.value.shape)
+        if self.gathered:
+            shape[self.dim] *= _axes_size(self.axes)
         return tuple(shape)
 
     @property
     def dtype(self):
-        return self.shard.dtype
+        return np.dtype(self.compute_dtype)
 
     def use(self) -> jax.Array:
-        """The whole tensor, with the gradient routed to `shard`."""
-        dim = self.dim % self.shard.ndim
-        if self.full is None:
-            return gather(fetch(self.shard) if self.on_host else self.shard, self.axes, dim, self.reduce_dtype)
-        return scatter_grad(self.full, self.shard, self.axes, dim, self.reduce_dtype)
+        """The whole tensor in the compute dtype, with the gradient routed to `carrier`."""
+        x = (fetch(self.value) if self.on_host else self.value).astype(self.compute_dtype)
+        dim = self.dim % x.ndim
+        route = gather if self.gathered else scatter_grad
+        return route(x, self.carrier, self.axes, dim, np.dtype(self.carrier.dtype), self.on_host)
 
 
 def _axes_size(axes) -> int:

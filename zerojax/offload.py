@@ -62,7 +62,11 @@ class Offload:
             if kind is not None and kind not in kinds:
                 fallback = next((k for k in HOST_KINDS if k in kinds), None)
                 if fallback is None:
-                    raise ValueError(f"Offload: {device.platform} devices have no host memory kind; drop the offload.")
+                    raise ValueError(
+                        f"Offload: {device.platform} device {device.device_kind!r} has no host memory kind (compile-only "
+                        "CUDA devices, a GPU target compiled without the GPU, drop memory kinds), so the offload cannot "
+                        "be compiled; drop it, compile on a machine with that GPU, or estimate offload on a TPU target."
+                    )
                 warnings.warn(f"Offload: {device.platform} has no {kind!r} memory; using {fallback!r} instead.")
                 swap[field] = fallback
         return dataclasses.replace(self, **swap) if swap else self

@@ -19,8 +19,10 @@ from zerojax.rules import ZeroRules
 class TrainState(NamedTuple):
     """Everything a step reads and writes.
 
-    `params` is the compute-dtype copy the model runs with (param layout); `master` the optimizer's
-    copy (opt layout), None when compute and master dtypes agree (then `params` is updated directly);
+    `params` are the weights the model runs with, in the parameter layout; `master` the optimizer's
+    fp32 copy (opt layout) where the plan keeps one (`ZeroPlan.keeps_master`: then `params` are in the
+    compute dtype), else None and `params` themselves are updated (fp32 training, and ZeRO-3, whose
+    sharded fp32 parameters are cast to the compute dtype where the model gathers them);
     `skipped` counts steps skipped for non-finite gradients.
     """
 
@@ -41,8 +43,18 @@ class ZeroPlan:
     tx: optax.GradientTransformation
     param_layouts: Any
     opt_layouts: Any
-    abstract_params: Any  # ShapeDtypeStructs of the compute copy
+    abstract_params: Any  # ShapeDtypeStructs of `TrainState.params` (dtype: `param_dtype`)
     offload: Offload = Offload()
+
+    @property
+    def keeps_master(self) -> bool:
+        """Whether a master copy is held beside the parameters (`TrainState.master`)."""
+        return _keeps_master(self.rules, self.precision, self.offload)
+
+    @property
+    def param_dtype(self):
+        """The dtype `TrainState.params` are held in: the compute dtype beside a master copy, else the master's."""
+        return self.precision.compute_dtype if self.keeps_master else self.precision.master_dtype
 
     @property
     def mesh(self):
@@ -66,7 +78,7 @@ class ZeroPlan:
         """(master, opt_state) trees of bools: the leaves kept in host memory between steps."""
         master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.precision.master_dtype), self.abstract_params)
         opt_state = jax.eval_shape(self.tx.init, master)
-        master = master if self.precision.mixed else None
+        master = master if self.keeps_master else None
         both = (master, opt_state)
         if self.offload.optimizer is None:
             return jax.tree.map(lambda _: False, both)
@@ -87,7 +99,7 @@ class ZeroPlan:
             step=replicated,
             params=params,
             master=jax.tree.map(to_host(self.offload.optimizer), self.grad_shardings, host_master)
-            if self.precision.mixed else None,
+            if self.keeps_master else None,
             opt_state=jax.tree.map(to_host(self.offload.optimizer), self.opt_state_shardings, host_opt),
             loss_scale=None if scaler is None else LossScaleState(replicated, replicated, replicated),
             skipped=replicated,
@@ -130,12 +142,21 @@ def make_plan(
             f"{rules.stage}; use stage 3 or drop offload_param."
         )
     scanned = tuple((p,) if isinstance(p, (str, int)) else tuple(p) for p in scanned)
-    compute = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.compute_dtype), params)
+    dtype = precision.compute_dtype if _keeps_master(rules, precision, offload) else precision.master_dtype
+    held = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
     master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.master_dtype), params)
-    layouts = rules.layouts(compute, base_specs, scanned)
+    layouts = rules.layouts(held, base_specs, scanned)
     opt_state = jax.eval_shape(tx.init, master)
     opt_layouts = rules.opt_state_layouts(opt_state, master, layouts)
-    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, compute, offload)
+    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, held, offload)
+
+
+def _keeps_master(rules: ZeroRules, precision: Precision, offload: Offload) -> bool:
+    """Mixed precision keeps a master copy, except at ZeRO-3 with parameters sharded like the optimizer
+    state (no hpZ) and nothing offloaded: there the fp32 shards are the parameters, cast to the compute
+    dtype before each gather, so no 16-bit copy is held between steps (12 bytes a parameter, over N)."""
+    sharded_like_master = rules.stage == 3 and rules.hierarchy != "hpz"
+    return precision.mixed and not (sharded_like_master and offload.optimizer is None and offload.params is None)
 
 
 def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
@@ -143,8 +164,8 @@ def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
     master = jax.tree.map(lambda x: jnp.asarray(x, prec.master_dtype), params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=jax.tree.map(lambda x: jnp.asarray(x, prec.compute_dtype), params),
-        master=master if prec.mixed else None,
+        params=jax.tree.map(lambda x: jnp.asarray(x, plan.param_dtype), params),
+        master=master if plan.keeps_master else None,
         opt_state=plan.tx.init(master),
         loss_scale=None if prec.loss_scale is None else prec.loss_scale.init(),
         skipped=jnp.zeros((), jnp.int32),

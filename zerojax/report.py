@@ -130,9 +130,9 @@ def memory_report(plan: ZeroPlan) -> MemoryReport:
             sharded=layout.sharded,
             param_spec=_spec_str(layout.param_spec),
             opt_spec=_spec_str(layout.opt_spec),
-            param_bytes=_shard_bytes(sharding(layout.param_spec), leaf.shape, prec.compute_dtype),
+            param_bytes=_shard_bytes(sharding(layout.param_spec), leaf.shape, plan.param_dtype),
             grad_bytes=_shard_bytes(sharding(layout.grad_spec), leaf.shape, prec.accum_dtype),
-            master_bytes=_shard_bytes(sharding(layout.opt_spec), leaf.shape, prec.master_dtype) if prec.mixed else 0,
+            master_bytes=_shard_bytes(sharding(layout.opt_spec), leaf.shape, prec.master_dtype) if plan.keeps_master else 0,
         ))
     state = plan.abstract_state()
     opt_bytes = sum(_shard_bytes(x.sharding, x.shape, x.dtype) for x in jax.tree.leaves(state.opt_state))

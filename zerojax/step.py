@@ -85,44 +85,46 @@ def make_train_step(
     mesh, axes, ranks = rules.mesh, rules.data_axes, rules.data_size
     batch_sharding = NamedSharding(mesh, P(DATA_AXES))
     per_layer = _fetched_per_layer(plan)
+    reduce_dtype, accum_dtype = prec.reduce_dtype, prec.accum_dtype
 
     def local_grads(params, batch, scale):
         """Per rank: this rank's slice of the summed gradient, in the optimizer layout, and the mean loss."""
         micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
 
-        def carrier(p, l):
-            """What the gradient is taken with respect to: the shard a stage-2/3 gradient lands in."""
-            if l.grad_axes and not l.param_axes:
-                return jnp.zeros(_local_shape(l, l.grad_axes, mesh), p.dtype)
-            return p
+        def grads_of(b):
+            """One micro-batch's gradient at the gradient layout's size, in the reduce dtype, and its loss."""
+            carriers = _tree(lambda l, h: _carrier(l, reduce_dtype, h, mesh), layouts, per_layer)
 
-        def scaled_loss(carriers, b):
-            used = _tree(lambda c, p, l, h: _in_use(c, p, l, prec.reduce_dtype, h), carriers, params, layouts, per_layer)
-            loss = jnp.asarray(loss_fn(used, b), jnp.float32)
-            return loss * scale, loss
+            def scaled_loss(carriers):
+                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, h), carriers, params, layouts,
+                             per_layer)
+                loss = jnp.asarray(loss_fn(used, b), jnp.float32)
+                return loss * scale, loss
 
-        def accumulate(acc, b):
-            (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(_tree(carrier, params, layouts), b)
+            (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(carriers)
             g = _tree(lambda g, h: jax.device_put(g, jax.memory.Space.Device) if h else g, g, per_layer)
-            g = _tree(lambda g, l: _scatter(g.astype(prec.reduce_dtype), _after_use(l), l.dim), g, layouts)
-            g = jax.tree.map(lambda g: g.astype(prec.accum_dtype), g)
-            return jax.tree.map(jnp.add, acc, g), loss
+            return _tree(lambda g, l: _scatter(g, _after_use(l), l.dim), g, layouts), loss
 
-        zeros = _tree(
-            lambda p, l: jnp.zeros(_local_shape(l, l.grad_axes, mesh), prec.accum_dtype), params, layouts
-        )
-        acc, losses = lax.scan(accumulate, zeros, micro)
+        if micro_batches == 1:  # the gradient is the sum: no accumulator beside it
+            grads, loss = grads_of(jax.tree.map(lambda x: x[0], micro))
+        else:
+            def accumulate(acc, b):
+                g, loss = grads_of(b)
+                return jax.tree.map(lambda a, g: a + g.astype(accum_dtype), acc, g), loss
 
-        def finish(a, l):
+            zeros = _tree(lambda l: jnp.zeros(_local_shape(l, l.grad_axes, mesh), accum_dtype), layouts)
+            grads, losses = lax.scan(accumulate, zeros, micro)
+            loss = jnp.mean(losses)
+
+        def finish(g, l):
+            """Stage 1 scatters the summed gradient to the optimizer layout; stage 0 and MiCS replicas all-reduce."""
             scatter = tuple(x for x in l.opt_axes if x not in l.grad_axes)
             reduce = tuple(x for x in axes if x not in l.opt_axes)
             if not scatter and not reduce:
-                return a
-            a = _psum(_scatter(a.astype(prec.reduce_dtype), scatter, l.dim), reduce)
-            return a.astype(prec.accum_dtype)
+                return g
+            return _psum(_scatter(g.astype(reduce_dtype), scatter, l.dim), reduce).astype(g.dtype)
 
-        grads = _tree(finish, acc, layouts)
-        return grads, _psum(jnp.mean(losses), axes) / ranks
+        return _tree(finish, grads, layouts), _psum(loss, axes) / ranks
 
     sharded_grads = jax.shard_map(
         local_grads,
@@ -137,32 +139,31 @@ def make_train_step(
     host_update = plan.offload.mode == "host" and plan.offload.optimizer is not None
 
     def update(grads, opt_state, master, finite, grad_norm):
-        """The clipped optimizer step on sharded state; a non-finite step leaves master and state unchanged.
+        """The clipped optimizer step on sharded state; a non-finite step leaves master and state bit-identical.
 
-        A conditional rather than a select: the skipped branch is the identity, so XLA can update the
-        donated master weights and moments in place instead of holding old and new side by side.
+        Every new leaf is selected against the old one element by element, so the select fuses into the
+        update's loop and XLA writes the donated master weights and moments in place on every backend
+        (a `lax.cond` makes XLA:GPU copy the whole state into the conditional's result).
         """
-
-        def apply(operands):
-            grads, opt_state, master = operands
-            if max_grad_norm > 0:
-                coef = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
-                grads = jax.tree.map(lambda g: g * coef, grads)
-            updates, new_opt_state = plan.tx.update(grads, opt_state, master)
-            new = optax.apply_updates(master, updates), new_opt_state
-            # Keep each leaf in its input's memory space (a host-computed update makes device scalars).
-            return jax.tree.map(lambda n, o: jax.device_put(n, jax.typeof(o).memory_space), new, (master, opt_state))
-
-        return lax.cond(finite, apply, lambda operands: (operands[2], operands[1]), (grads, opt_state, master))
+        if max_grad_norm > 0:
+            coef = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * coef, grads)
+        updates, new_opt_state = plan.tx.update(grads, opt_state, master)
+        new = optax.apply_updates(master, updates), new_opt_state
+        old = (master, opt_state)
+        # Keep each leaf in its input's memory space (a host-computed update makes device scalars).
+        return jax.tree.map(
+            lambda n, o: jax.device_put(jnp.where(finite, n, o), jax.typeof(o).memory_space), new, old)
 
     def step(state: TrainState, batch):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.ones((), jnp.float32)
         grads, loss = sharded_grads(_step_params(state.params, shardings.params, per_layer), batch, scale)
-        grads = jax.tree.map(lambda g: g / (scale * ranks * micro_batches), grads)
+        grads = jax.tree.map(lambda g: g.astype(prec.master_dtype) / (scale * ranks * micro_batches), grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         grad_norm = optax.tree.norm(grads)  # inf or nan on a skipped step
 
-        master, master_shardings = (state.master, shardings.master) if prec.mixed else (state.params, shardings.params)
+        keeps_master = plan.keeps_master
+        master, master_shardings = (state.master, shardings.master) if keeps_master else (state.params, shardings.params)
         if host_update:  # DeepSpeed's CPU optimizer: the update runs where the state lives
             host = NamedSharding(mesh, P(), memory_kind=plan.offload.optimizer)
             args = (
@@ -180,7 +181,7 @@ def make_train_step(
                 grad_norm,
             )
         params = jax.tree.map(
-            lambda m, s: lax.with_sharding_constraint(m.astype(prec.compute_dtype), s),
+            lambda m, s: lax.with_sharding_constraint(m.astype(plan.param_dtype), s),
             on_device(new_master, jax.tree.map(lambda s: s.with_memory_kind(plan.offload.optimizer or "device"),
                                                master_shardings)) if host_update else new_master,
             plan.param_shardings,
@@ -191,7 +192,7 @@ def make_train_step(
         new_state = TrainState(
             step=state.step + 1,
             params=params,
-            master=new_master if prec.mixed else None,
+            master=new_master if keeps_master else None,
             opt_state=opt_state,
             loss_scale=loss_scale,
             skipped=state.skipped + (~finite).astype(jnp.int32),
@@ -229,22 +230,30 @@ class TrainStep:
         _check_batch(batch, self.batch_multiple)
 
 
-def _in_use(carrier, param, layout: LeafLayout, reduce_dtype, on_host: bool = False):
-    """The parameter as the model sees it: whole (gathered on use), or `Sharded` for a stacked layer
-    (`on_host`: copied to the device one layer at a time, when it is used)."""
-    if layout.param_axes:
-        node = Sharded(carrier, None, layout.param_axes, layout.dim - carrier.ndim, reduce_dtype, on_host)
-    elif layout.grad_axes:
-        node = Sharded(carrier, param, layout.grad_axes, layout.dim - carrier.ndim, reduce_dtype)
-    else:
-        return carrier
+def _in_use(param, carrier, layout: LeafLayout, compute_dtype, on_host: bool = False):
+    """The parameter as the model sees it, in the compute dtype: whole (gathered on use), or `Sharded`
+    for a stacked layer (`on_host`: copied to the device one layer at a time, when it is used). Its
+    gradient lands in `carrier` (see `zerojax.gather`)."""
+    gathered = bool(layout.param_axes)
+    axes = layout.param_axes if gathered else layout.grad_axes
+    dim = (layout.dim - param.ndim) if layout.dim is not None else -1
+    node = Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host)
     return node if layout.stacked else node.use()
+
+
+def _carrier(layout: LeafLayout, dtype, on_host: bool, mesh) -> jax.Array:
+    """Zeros of a leaf's gradient shard as the backward pass leaves it (scattered over the parameter
+    axes at stage 3, the gradient axes at stage 2, whole at stages 0–1): what the step differentiates."""
+    zeros = jnp.zeros(_local_shape(layout, layout.param_axes or layout.grad_axes, mesh), dtype)
+    return jax.device_put(zeros, jax.memory.Space.Host) if on_host else zeros
 
 
 def _fetched_per_layer(plan: ZeroPlan) -> Any:
     """Per parameter: whether it stays in host memory until the model's scan copies one layer of it to
-    the device (a stacked stage-3 parameter under parameter offload)."""
-    return _tree(lambda l, s: bool(l.stacked and l.param_axes and s.memory_kind in HOST_KINDS),
+    the device (a stacked stage-3 matrix under parameter offload). Stacked vectors (norm scales, biases:
+    a few KiB a layer) are copied whole at the step's start instead: per-layer copies of them would be
+    tiny transfers, and XLA:TPU cannot slice one row out of a tiled host array."""
+    return _tree(lambda l, s: bool(l.stacked and l.param_axes and len(l.shape) >= 3 and s.memory_kind in HOST_KINDS),
                  plan.param_layouts, plan.state_shardings.params)
 
 
@@ -256,10 +265,11 @@ def _step_params(params, shardings, per_layer):
 def make_eval_step(loss_fn: LossFn, plan: ZeroPlan) -> Callable[[Any, Any], jax.Array]:
     """A jitted `eval_step(params, batch) -> mean loss` over the global batch, with the step's gathers."""
     layouts, mesh, axes = plan.param_layouts, plan.mesh, plan.rules.data_axes
-    per_layer = _fetched_per_layer(plan)
+    per_layer, compute = _fetched_per_layer(plan), plan.precision.compute_dtype
 
     def local_loss(params, batch):
-        used = _tree(lambda p, l, h: _in_use(p, None, l, None, h) if l.param_axes else p, params, layouts, per_layer)
+        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, h), params, layouts,
+                     per_layer)
         return _psum(jnp.asarray(loss_fn(used, batch), jnp.float32), axes) / plan.rules.data_size
 
     sharded = jax.shard_map(
