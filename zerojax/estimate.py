@@ -17,7 +17,8 @@ import json
 import os
 import re
 
-from zerojax.hlo import compiled_collectives, host_layout_bytes, lowered_collectives, step_collectives
+from zerojax.hlo import (by_kind, compiled_collectives, compiled_program, host_layout_bytes, lowered_collectives, overlap,
+                         rewritten, step_collectives)
 
 PRESETS: dict[str, dict] = {
     "llama-2-7b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -138,6 +139,22 @@ class Compiled:
     lowered_collectives: dict  # kind -> dtype -> bytes, from the lowered StableHLO
     compiled_collectives: dict  # kind -> dtype -> bytes, from the compiled HLO (CPU upcasts 16-bit)
     seconds: float
+    overlap: float | None = None  # share of compiled collective bytes overlapped with compute
+    target: str | None = None  # the accelerator compiled for (`zerojax.targets`); None: this machine's devices
+
+    @property
+    def collective_bytes(self) -> dict[str, int]:
+        """Bytes per step by kind: as an accelerator's compiler emits them; on XLA:CPU, which upcasts
+        16-bit collectives, the lowered program's plus what only the compiled one moves."""
+        if self.target is not None:
+            return {k: sum(v.values()) for k, v in self.compiled_collectives.items()}
+        return step_collectives(self.lowered_collectives, self.compiled_collectives)
+
+    @property
+    def rewritten(self) -> dict[str, int]:
+        """Bytes of all-gathers and reduce-scatters the program asks for that the compiler moves as
+        all-reduces instead (XLA:TPU), by the kind asked for."""
+        return rewritten(self.lowered_collectives, self.compiled_collectives)
 
     @property
     def device_argument_bytes(self) -> int:
@@ -192,9 +209,7 @@ class StageEstimate:
     def collective_bytes(self) -> dict[str, int]:
         """Bytes per step by collective kind (see the module docstring), with `total`: from the
         compiled step when there is one, else the theory."""
-        kinds = self.theory_collectives
-        if self.compiled is not None:
-            kinds = step_collectives(self.compiled.lowered_collectives, self.compiled.compiled_collectives)
+        kinds = self.theory_collectives if self.compiled is None else self.compiled.collective_bytes
         return {**kinds, "total": sum(kinds.values())}
 
     @property
@@ -228,6 +243,7 @@ class StageEstimate:
                 "host_layout_bytes": c.host_layout_bytes, "device_argument_bytes": c.device_argument_bytes,
                 "host_temp_bytes": c.host_temp_bytes, "state_bytes": c.state_bytes, "peak_bytes": c.peak_bytes,
                 "lowered_collectives": c.lowered_collectives, "compiled_collectives": c.compiled_collectives,
+                "rewritten_collectives": c.rewritten, "overlap": c.overlap, "target": c.target,
                 "compile_seconds": round(c.seconds, 2),
             }
         return out
@@ -237,13 +253,14 @@ class StageEstimate:
 # Plans and estimates
 
 
-def _plan(graph_params, stage: int, devices, offload_optimizer: bool, offload_param: bool, grad_accum_dtype: str):
+def _plan(graph_params, stage: int, devices, offload_optimizer: bool, offload_param: bool, grad_accum_dtype: str,
+          offload_mode: str = "streamed"):
     import optax
     import zerojax as zj
 
-    offload = zj.Offload(  # an offloaded optimizer is updated on the host, as DeepSpeed's CPU Adam
+    offload = zj.Offload(  # the mode a DeepSpeed config gives the Trainer (zerojax.config): streamed
         optimizer="pinned_host" if offload_optimizer else None, params="pinned_host" if offload_param else None,
-        mode="host" if offload_optimizer else "streamed",
+        mode=offload_mode if offload_optimizer else "streamed",
     )
     mesh = zj.make_mesh(devices=devices)
     precision = zj.Precision.bf16(accum_dtype=grad_accum_dtype)
@@ -251,15 +268,20 @@ def _plan(graph_params, stage: int, devices, offload_optimizer: bool, offload_pa
                         scanned=("layers",), offload=offload)
 
 
-def _devices(n: int):
+def _devices(n: int, target=None):
+    """n devices to compile for: of `target` (abstract, `zerojax.targets`) or of this process."""
     import jax
 
+    if target is not None:
+        from zerojax.targets import resolve
+
+        return resolve(target).devices(n)
     devices = jax.devices()
     if len(devices) < n:
         raise ValueError(
             f"devices={n}: this process has {len(devices)} {devices[0].platform} devices. Run the estimate in a "
             f"process started with XLA_FLAGS=--xla_force_host_platform_device_count={n} (the `zerojax estimate` "
-            "command does this itself)."
+            "command does this itself), or compile for an accelerator target (target='h100', 'tpu-v5p', ...)."
         )
     return devices[:n]
 
@@ -290,12 +312,16 @@ def estimate(
     device_memory: int | None = None,
     compiled: bool = False,
     grad_accum_dtype: str = "fp32",
+    target=None,
+    offload_mode: str = "streamed",
 ) -> StageEstimate:
     """Bytes per device of one stage for the model of `hf_config` on `devices` data-parallel devices.
 
     Mixed-precision AdamW (bf16 compute, fp32 master, gradient accumulator in `grad_accum_dtype`:
     DeepSpeed's `data_types.grad_accum_dtype`; the ZeRO paper's formula assumes 'bf16'), full remat,
-    layers scanned. Needs `devices` jax devices in this process (simulated CPU devices will do).
+    layers scanned. `target` (a `zerojax.targets` name, file or Target) compiles for that accelerator
+    on any machine, its memory the default `device_memory`; without one the estimate needs `devices` jax
+    devices in this process (simulated CPU devices will do). `offload_mode` is `Offload.mode`.
     """
     from zerojax.models import abstract_model
     from zerojax.report import memory_report, zero_formula_bytes
@@ -304,12 +330,17 @@ def estimate(
     graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True, remat="full")
     if grad_accum_dtype not in ("fp32", "bf16"):
         raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} is not supported; use 'fp32' or 'bf16'.")
-    plan = _plan(params, stage, _devices(devices), offload_optimizer, offload_param, grad_accum_dtype)
+    if target is not None and device_memory is None:
+        from zerojax.targets import resolve
+
+        device_memory = resolve(target).memory_bytes
+    plan = _plan(params, stage, _devices(devices, target), offload_optimizer, offload_param, grad_accum_dtype,
+                 offload_mode)
     report = memory_report(plan)
     prec = plan.precision
     psi = report.num_params
     cb, ab, rb = prec.compute_dtype.itemsize, prec.accum_dtype.itemsize, prec.reduce_dtype.itemsize
-    theory = zero_formula_bytes(stage, psi, devices, param_bytes=cb, grad_bytes=ab,
+    theory = zero_formula_bytes(stage, psi, devices, param_bytes=cb if plan.keeps_master else 0, grad_bytes=ab,
                                 optimizer_bytes=prec.master_dtype.itemsize + 8)
     gathers = {0: 0, 1: 1, 2: 1, 3: 2}[stage] * psi * cb  # stage 3: forward, and again in the remat backward
     theory_collectives = {"all-gather": gathers, "reduce-scatter": psi * rb if stage else 0,
@@ -324,11 +355,12 @@ def estimate(
         device_memory=device_memory,
     )
     if compiled:
-        result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, seq, micro_batch))
+        name = None if target is None else getattr(target, "name", str(target))
+        result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, seq, micro_batch, target=name))
     return result
 
 
-def compile_step(graphdef, plan, seq: int, micro_batch: int) -> Compiled:
+def compile_step(graphdef, plan, seq: int, micro_batch: int, target: str | None = None) -> Compiled:
     """Lowers and compiles the bundled model's train step for `plan` ahead of time (a batch of
     `micro_batch` sequences of `seq` tokens per device) and reads its memory and collectives."""
     import jax
@@ -340,12 +372,13 @@ def compile_step(graphdef, plan, seq: int, micro_batch: int) -> Compiled:
 
     sharding = NamedSharding(plan.mesh, P(zj.DATA_AXES))
     batch = {"input_ids": jax.ShapeDtypeStruct((micro_batch * plan.rules.data_size, seq), jnp.int32, sharding=sharding)}
-    return compile_train_step(zj.make_train_step(causal_lm_loss(graphdef), plan), plan, batch)
+    return compile_train_step(zj.make_train_step(causal_lm_loss(graphdef), plan), plan, batch, target=target)
 
 
-def compile_train_step(step, plan, batch) -> Compiled:
+def compile_train_step(step, plan, batch, target: str | None = None) -> Compiled:
     """Lowers and compiles `step` (from `make_train_step` for `plan`) ahead of time for `batch` (a pytree
-    of ShapeDtypeStructs with shardings) and reads its memory and collectives; nothing is allocated."""
+    of ShapeDtypeStructs with shardings) and reads its memory and collectives; nothing is allocated.
+    `target` names the accelerator the plan's devices are (None: this machine's)."""
     import time
 
     import jax
@@ -357,14 +390,15 @@ def compile_train_step(step, plan, batch) -> Compiled:
     seconds = time.perf_counter() - start
     stats, compiled_text = exe.memory_analysis(), exe.as_text()
     n = plan.rules.data_size
+    program = compiled_program(compiled_text)
     return Compiled(
         argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
         alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
         host_argument_bytes=stats.host_argument_size_in_bytes, host_temp_bytes=stats.host_temp_size_in_bytes,
         host_layout_bytes=host_layout_bytes(compiled_text),
         batch_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // n,
-        lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=compiled_collectives(compiled_text),
-        seconds=seconds,
+        lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=by_kind(program),
+        seconds=seconds, overlap=overlap(program), target=target,
     )
 
 
@@ -377,16 +411,24 @@ def choose_stage(
     micro_batch: int = 1,
     compiled: bool = True,
     grad_accum_dtype: str = "fp32",
+    target=None,
 ) -> StageEstimate:
     """`zero_optimization.stage: "auto"`: the first option of `AUTO_ORDER` (lowest stage, then offload)
-    whose peak bytes per device fit `device_memory`; raises ValueError naming the smallest peak if none does."""
+    whose peak bytes per device fit `device_memory`; raises ValueError naming the smallest peak if none does.
+    With a `target`, each option is compiled for it; options it cannot compile (offload on a GPU target)
+    are skipped with their reason."""
     from zerojax.config import AUTO_ORDER
 
     tried = []
     for stage, opt, param in AUTO_ORDER:
-        est = estimate(hf_config, devices, stage, seq=seq, micro_batch=micro_batch, offload_optimizer=opt,
-                       offload_param=param, device_memory=device_memory, compiled=compiled,
-                       grad_accum_dtype=grad_accum_dtype)
+        try:
+            est = estimate(hf_config, devices, stage, seq=seq, micro_batch=micro_batch, offload_optimizer=opt,
+                           offload_param=param, device_memory=device_memory, compiled=compiled,
+                           grad_accum_dtype=grad_accum_dtype, target=target)
+        except ValueError:
+            if target is None or not (opt or param):
+                raise
+            continue  # the target cannot express host memory (compile-only CUDA devices)
         if est.fits:
             return est
         tried.append(est)

@@ -8,6 +8,7 @@ inserts when it partitions the optimizer update, and `step_collectives` combines
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -51,7 +52,11 @@ def _mlir_trip_count(lines: list[str], start: int, cond: list[str]) -> int:
     for line in cond:
         m = re.search(r"stablehlo\.compare\s+LT,\s*%[\w#]+,\s*(%[\w#]+)", line)
         if m:
-            name = re.escape(m.group(1))
+            bound = m.group(1)
+            for other in cond:  # a bound behind a sharding constraint (partially manual shard_map)
+                alias = re.match(r"\s*" + re.escape(bound) + r" = sdy\.sharding_constraint (%[\w#]+)", other)
+                bound = alias.group(1) if alias else bound
+            name = re.escape(bound)
             const = re.compile(name + r" = stablehlo\.constant dense<(-?\d+)> : tensor<i(?:32|64)>")
             for candidate in cond + lines[start::-1]:
                 c = const.search(candidate)
@@ -141,9 +146,13 @@ def lowered_collectives(text: str) -> dict:
 
 
 _HLO_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_HLO_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?)\s(all-gather|reduce-scatter|all-reduce)(-start)?\(")
+_HLO_OP = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _HLO_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HLO_GROUPS = re.compile(r"replica_groups=(\{\{[0-9,]*\}|\[\d+,(\d+)\]<=)")
+_HLO_OPERAND = re.compile(r"%([\w.\-]+)")
+# What an instruction between a collective's start and done must be to count as overlapping compute.
+_NOT_COMPUTE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-start", "copy-done",
+                "after-all", "partition-id", "replica-id", "opt-barrier"}
 
 
 def _hlo_group_size(line: str) -> int:
@@ -153,46 +162,144 @@ def _hlo_group_size(line: str) -> int:
     return int(m.group(2)) if m.group(2) else len(m.group(1).strip("{}").split(","))
 
 
-def compiled_collectives(text: str) -> dict:
-    """kind -> dtype -> bytes per step of a compiled HLO module (`compiled.as_text()`).
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program, as the ZeRO paper prices it (see the module docstring).
 
-    While bodies count `known_trip_count` times; a conditional's branches each count once.
+    `times`: how often it runs per step (loop trip counts); `overlapped`: an asynchronous collective with
+    compute scheduled between its start and its done; `rewrite_of`: the collective the program asked
+    for when the compiler implements it as another (XLA:TPU's all-reduce of a zero-padded buffer for an
+    all-gather or reduce-scatter), None otherwise.
     """
-    functions: dict[str, tuple[list, list]] = {}
+
+    kind: str
+    dtype: str
+    nbytes: int
+    times: int = 1
+    overlapped: bool = False
+    rewrite_of: str | None = None
+
+
+def _collective_shapes(kind: str, started: bool, lhs: str, line: str) -> tuple[list, int]:
+    """(shapes counted, factor) of a collective: an all-gather's results, a reduce-scatter's operands (the
+    results times the group size when only they are shown), an all-reduce's operands twice."""
+    shapes = _HLO_SHAPE.findall(lhs)
+    if started and kind != "all-reduce":  # an async start returns ((operands), (results))
+        half = len(shapes) // 2
+        return (shapes[half:], 1) if kind == "all-gather" else (shapes[:half], 1)
+    if kind == "reduce-scatter":
+        return shapes, _hlo_group_size(line)
+    return shapes, 2 if kind == "all-reduce" else 1
+
+
+def _rewrite_of(kind: str, line: str) -> str | None:
+    """The collective JAX asked for (read from the op name) when the compiler emitted another kind."""
+    name = re.search(r'op_name="([^"]*)"', line)
+    asked = name.group(1).rsplit("/", 1)[-1] if name else ""
+    asked = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "psum_scatter": "reduce-scatter"}.get(asked)
+    return asked if asked and asked != kind else None
+
+
+def _while_trip_count(line: str, computations: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA's `known_trip_count`, else its condition `counter < constant`
+    (XLA:TPU's programs state no trip count; `lax.scan` counts from 0)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%([\w.\-]+)", line)
+    body = computations.get(cond.group(1), []) if cond else []
+    constants = dict(re.findall(r"%([\w.\-]+) = s(?:32|64)\[\][^ ]* constant\((-?\d+)\)", "\n".join(body)))
+    for text in body:
+        compare = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT", text)
+        if compare and compare.group(2) in constants:
+            return int(constants[compare.group(2)])
+    raise ValueError("a while loop in the compiled program has no known trip count and no `counter < constant` "
+                     f"condition: {line.strip()[:160]}")
+
+
+def compiled_program(text: str) -> list[Collective]:
+    """Every collective of a compiled HLO module (`compiled.as_text()`, XLA:CPU, XLA:GPU or XLA:TPU) once,
+    with how often it runs per step.
+
+    While bodies count their trip count times; a conditional's branches and async computations count
+    once; an async collective (`*-start`) is read from its start, its done is not counted again.
+    """
+    computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in text.splitlines():
         m = _HLO_COMPUTATION.match(line)
         if m:
-            current = ([], [])
-            functions[m.group(2)] = current
+            current = computations.setdefault(m.group(2), [])
             entry = m.group(2) if m.group(1) else entry
-            continue
-        if current is None or " = " not in line:
-            continue
-        line = re.sub(r"/\*index=\d+\*/", "", line)  # tuple shapes carry these comments
-        c = _HLO_COLLECTIVE.search(line)
-        if c:
-            kind = c.group(2)
-            shapes = _HLO_SHAPE.findall(c.group(1))
-            if c.group(3) and kind == "all-gather":  # an async start returns (operands, results)
-                shapes = shapes[len(shapes) // 2:]
-            factor = _hlo_group_size(line) if kind == "reduce-scatter" else (2 if kind == "all-reduce" else 1)
-            for dtype, dims in shapes:
-                nbytes = math.prod(int(d) for d in dims.split(",") if d) * _itemsize(dtype)
-                current[0].append((kind, dtype, factor * nbytes, 1))
-            continue
-        if " while(" in line:
-            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            if not trip:
-                raise ValueError("a while loop in the compiled program has no known trip count")
-            current[1].append((re.search(r"body=%([\w.\-]+)", line).group(1), int(trip.group(1))))
-            continue
-        for key in ("calls", "to_apply", "branch_computations"):
-            for group in re.findall(key + r"=(\{[^}]*\}|%[\w.\-]+)", line):
-                current[1].extend((name.strip(" {}%"), 1) for name in group.split(",") if name.strip(" {}"))
+        elif current is not None and " = " in line:
+            current.append(re.sub(r"/\*index=\d+\*/", "", line))  # tuple shapes carry these comments
     if entry is None:
         raise ValueError("compiled program has no ENTRY computation")
-    return _total(functions, entry)
+    memo: dict[str, list[Collective]] = {}
+
+    def visit(name: str) -> list[Collective]:
+        if name in memo:
+            return memo[name]
+        memo[name] = []  # a computation never calls itself; guards against malformed text
+        found, pending = [], {}  # pending: async start -> ([indices in found], compute seen since the start)
+        for line in computations.get(name, []):
+            op = _HLO_OP.match(line)
+            if not op:
+                continue
+            result, lhs, opcode = op.group(1), op.group(2), op.group(3)
+            if opcode.endswith("-done") or opcode == "async-update":
+                start = _HLO_OPERAND.search(op.group(4))
+                indices, busy = pending.pop(start.group(1), ((), False)) if start else ((), False)
+                for i in indices if busy else ():
+                    found[i] = dataclasses.replace(found[i], overlapped=True)
+                continue
+            base, started = (opcode[:-6], True) if opcode.endswith("-start") else (opcode, False)
+            first = len(found)
+            if base in COLLECTIVES:
+                shapes, factor = _collective_shapes(base, started, lhs, line)
+                rewrite = _rewrite_of(base, line)
+                for dtype, dims in shapes:
+                    nbytes = math.prod(int(d) for d in dims.split(",") if d) * _itemsize(dtype)
+                    found.append(Collective(base, dtype, factor * nbytes, rewrite_of=rewrite))
+            else:
+                if opcode not in _NOT_COMPUTE and not started:
+                    pending = {k: (i, True) for k, (i, _) in pending.items()}
+                callees = []
+                if opcode == "while":
+                    trip = _while_trip_count(line, computations)
+                    callees.append((re.search(r"body=%([\w.\-]+)", line).group(1), trip))
+                else:
+                    for key in ("calls", "to_apply", "branch_computations"):
+                        for group in re.findall(key + r"=(\{[^}]*\}|%[\w.\-]+)", line):
+                            callees += [(c.strip(" {}%"), 1) for c in group.split(",") if c.strip(" {}")]
+                for callee, times in callees:
+                    found += [dataclasses.replace(c, times=c.times * times) for c in visit(callee)]
+            if started and len(found) > first:  # an async collective, or an async wrapper of one
+                pending[result] = (tuple(range(first, len(found))), False)
+        memo[name] = found
+        return found
+
+    return visit(entry)
+
+
+def by_kind(collectives: list[Collective]) -> dict:
+    """kind -> dtype -> bytes per step."""
+    out: dict = defaultdict(lambda: defaultdict(int))
+    for c in collectives:
+        out[c.kind][c.dtype] += c.nbytes * c.times
+    return {k: dict(v) for k, v in out.items()}
+
+
+def compiled_collectives(text: str) -> dict:
+    """kind -> dtype -> bytes per step of a compiled HLO module (see `compiled_program`)."""
+    return by_kind(compiled_program(text))
+
+
+def overlap(collectives: list[Collective]) -> float | None:
+    """The share of collective bytes whose async start and done have compute scheduled between them
+    (None for a program that moves nothing)."""
+    total = sum(c.nbytes * c.times for c in collectives)
+    return sum(c.nbytes * c.times for c in collectives if c.overlapped) / total if total else None
 
 
 _HOST_ARGUMENT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]\{[0-9,]*:S\(5\)\}")
@@ -214,8 +321,24 @@ def step_collectives(lowered: dict, compiled: dict) -> dict[str, int]:
     out = {}
     for kind in COLLECTIVES:
         low, comp = lowered.get(kind, {}), compiled.get(kind, {})
-        low_elems = sum(b / _itemsize(d) for d, b in low.items())
-        comp_elems = sum(b / _itemsize(d) for d, b in comp.items())
+        low_elems, comp_elems = _elements(low), _elements(comp)
         width = (sum(low.values()) / low_elems) if low_elems else 2
         out[kind] = int(sum(low.values()) + max(comp_elems - low_elems, 0) * width)
+    return out
+
+
+def _elements(by_dtype: dict) -> float:
+    return sum(b / _itemsize(d) for d, b in by_dtype.items())
+
+
+def rewritten(lowered: dict, compiled: dict) -> dict[str, int]:
+    """Bytes of all-gathers and reduce-scatters the lowered program asks for that the compiled program
+    does not move as such (XLA:TPU turns them into all-reduces of zero-padded buffers, which the compiled
+    all-reduce bytes then carry), by the kind asked for, at the lowered dtypes."""
+    out = {}
+    for kind in ("all-gather", "reduce-scatter"):
+        asked = lowered.get(kind, {})
+        missing = _elements(asked) - _elements(compiled.get(kind, {}))
+        if missing > 0 and asked:
+            out[kind] = int(missing * sum(asked.values()) / _elements(asked))
     return out

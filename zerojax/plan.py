@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -135,7 +136,13 @@ def make_plan(
                 f"make_plan: parameter {jax.tree_util.keystr(path) or 'params'} is a {type(x).__name__}, not an "
                 "array; pass the parameter pytree (arrays or jax.ShapeDtypeStruct), e.g. nnx.split(model, nnx.Param)[1]."
             )
-    offload = (offload or Offload()).resolved(rules.mesh.devices.flat[0])
+    device = rules.mesh.devices.flat[0]
+    if device.platform == "tpu" and np.dtype(precision.compute_dtype) == np.float16:
+        raise ValueError(
+            "make_plan: fp16 compute on TPU: XLA:TPU has no fp16 matrix multiply (ALG_DOT_F16_F16_F32 is "
+            "unsupported); train in bf16 on TPUs (DeepSpeed bf16.enabled instead of fp16.enabled)."
+        )
+    offload = (offload or Offload()).resolved(device)
     if offload.params is not None and rules.stage != 3:
         raise ValueError(
             f"make_plan: parameter offload keeps stage-3 parameter shards in host memory, but stage="

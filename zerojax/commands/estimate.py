@@ -3,7 +3,9 @@
 Analytic numbers come from the plan's shardings; with `--compiled` the real train step is also compiled
 ahead of time for N devices (simulated CPU devices when this machine has fewer: the command re-runs
 itself with XLA_FLAGS=--xla_force_host_platform_device_count=N) and XLA's memory analysis and the
-program's collectives are reported. `--stage auto` prints the cheapest option that fits --device-memory.
+program's collectives are reported. `--target h100|a100|tpu-v5p|tpu-v5e|tpu-v6e` (or a GpuTargetConfig
+file) compiles for N of those accelerators instead, with their own compiler, on any machine (`pip
+install 'zerojax[aot]'`). `--stage auto` prints the cheapest option that fits --device-memory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grad-accum-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="gradient accumulator dtype (DeepSpeed data_types.grad_accum_dtype; default fp32)")
     p.add_argument("--compiled", action="store_true", help="also compile the train step and report XLA's numbers")
+    p.add_argument("--target", help="compile for N accelerators of this kind (h100, a100, tpu-v5p, tpu-v5e, tpu-v6e, or "
+                   "a GpuTargetConfig text proto file) instead of this machine's devices; implies --compiled")
+    p.add_argument("--offload-mode", choices=["streamed", "host"], default="streamed",
+                   help="optimizer offload: update on the device with the state streamed in (default, as a config "
+                   "gives the Trainer) or on the host, as DeepSpeed's CPU Adam")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -44,7 +51,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     """The command line that reproduces `args` (for the re-run with more simulated devices)."""
     argv = ["estimate", "--model", args.model, "--devices", str(args.devices), "--stage", args.stage,
             "--offload-optimizer", args.offload_optimizer, "--offload-param", args.offload_param,
-            "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--grad-accum-dtype", args.grad_accum_dtype]
+            "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--grad-accum-dtype", args.grad_accum_dtype,
+            "--offload-mode", args.offload_mode]
     argv += ["--device-memory", args.device_memory] if args.device_memory else []
     return argv + ["--compiled"] * args.compiled + ["--json"] * args.json
 
@@ -84,32 +92,41 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer.")
         import jax
 
-        if jax.device_count() < args.devices:
+        target = None
+        if args.target:
+            from zerojax.targets import resolve
+
+            target, args.compiled = resolve(args.target), True
+            jax.config.update("jax_platforms", "cpu")  # the target's devices are abstract: no accelerator needed
+            memory = memory or target.memory_bytes
+        elif jax.device_count() < args.devices:
             if os.environ.get(_CHILD):
                 raise ValueError(f"--devices={args.devices}: only {jax.device_count()} devices after re-running.")
             return _rerun(args)
         if args.stage == "auto":
             chosen = est.choose_stage(config, args.devices, memory, seq=args.seq, micro_batch=args.micro_batch,
-                                      compiled=args.compiled, grad_accum_dtype=args.grad_accum_dtype)
+                                      compiled=args.compiled, grad_accum_dtype=args.grad_accum_dtype, target=target)
             results = [chosen]
         else:
             results = [
                 est.estimate(config, args.devices, s, seq=args.seq, micro_batch=args.micro_batch,
                              offload_optimizer=o, offload_param=p, device_memory=memory, compiled=args.compiled,
-                             grad_accum_dtype=args.grad_accum_dtype)
+                             grad_accum_dtype=args.grad_accum_dtype, target=target, offload_mode=args.offload_mode)
                 for s, o, p in _options(args.stage, opt, param)
             ]
     except ValueError as e:
         return fail(" ".join(str(e).split()))
     if args.json:
-        out = {"model": args.model, "params": results[0].params, "devices": args.devices, "seq": args.seq,
+        out = {"model": args.model, "target": target.name if target else None,
+               "params": results[0].params, "devices": args.devices, "seq": args.seq,
                "micro_batch": args.micro_batch, "device_memory": memory,
                "stages": [r.as_json() for r in results]}
         if args.stage == "auto":
             out["chosen"] = est.describe_option(results[0])
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.model}: {results[0].params:,} parameters on {args.devices} devices, seq {args.seq}, "
+    where = f"{args.devices} x {target.description}" if target else f"{args.devices} devices"
+    print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, "
           f"micro-batch {args.micro_batch}, bf16 mixed-precision AdamW, {args.grad_accum_dtype} gradient "
           "accumulator, full remat")
     if args.stage == "auto":
