@@ -38,13 +38,13 @@ def data():
     return text_dataset(CORPUS, 17, stride=8)
 
 
-def trainer(data, config, output_dir=None, steps=8, device_memory=None, **kw):
+def trainer(data, config, output_dir=None, steps=8, device_memory=None, target=None, **kw):
     with nnx.use_eager_sharding(False):
         model = from_hf_config(TINY, seed=0)
     args = TrainingArguments(output_dir=output_dir, deepspeed=copy.deepcopy(config), per_device_train_batch_size=1,
                              gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01, max_steps=steps,
                              warmup_steps=2, logging_steps=1, save_steps=4, eval_steps=4, **kw)
-    return Trainer(model, args, data[0], data[1], hf_config=TINY, device_memory=device_memory)
+    return Trainer(model, args, data[0], data[1], hf_config=TINY, device_memory=device_memory, target=target)
 
 
 def curve(t: Trainer) -> list[float]:
@@ -98,6 +98,16 @@ def test_stage_auto_takes_the_cheapest_option_whose_compiled_step_fits(data, sta
         trainer(data, ZERO("auto"))
     with_offload = trainer(data, ZERO("auto", offload_optimizer={"device": "cpu"}), device_memory=peak0)
     assert (with_offload.config.stage, with_offload.config.offload_optimizer.enabled) == (2, True)
+
+
+def test_stage_auto_sizes_the_run_for_a_target_accelerator(data, capsys):
+    """With a target, stage "auto" compiles each option for that many of its devices and their memory;
+    an option the target cannot compile is named with its reason."""
+    t = trainer(data, ZERO("auto"), target="tpu-v5p")
+    assert t.config.stage == 0 and "fits 95.000 GiB per device" in capsys.readouterr().out
+    assert t.mesh.devices.flat[0].platform == "cpu"  # it still trains here
+    with pytest.raises(ConfigError, match=r"stage 3 \+ offload optimizer and params to cpu not compiled: .*no host memory"):
+        trainer(data, ZERO("auto", offload_param={"device": "cpu"}), target="h100")
 
 
 def test_sigterm_checkpoints_and_resume_reaches_the_same_loss(data, stage0_curve, tmp_path):

@@ -37,6 +37,7 @@ from zerojax.mesh import DATA_AXES, make_mesh
 from zerojax.models import causal_lm_loss, stacked_layers
 from zerojax.plan import TrainState, init_state, make_plan
 from zerojax.step import make_eval_step, make_train_step
+from zerojax.targets import resolve as resolve_target
 
 DEFAULT_CONFIG = {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": "auto",
                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
@@ -92,13 +93,15 @@ class Trainer:
     `max_consecutive_skips`: steps in a row skipped for non-finite gradients before training stops with
     an error instead of silently diverging; `device_memory` (bytes or a size such as "80GB"): what
     `zero_optimization.stage: "auto"` must fit per device, by default the device's own limit (CPU
-    devices report none).
+    devices report none); `target` (a `zerojax.targets` name such as "h100" or "tpu-v5p"): stage "auto"
+    compiles each option for that many devices of that accelerator instead (its memory the default
+    `device_memory`), so a run is sized for the cluster it will go to from any machine.
     """
 
     def __init__(self, model: nnx.Module, args: TrainingArguments, train_dataset: Any, eval_dataset: Any = None,
                  *, hf_config: dict | None = None, loss_fn: Callable | None = None,
                  devices: list | None = None, scanned: tuple | None = None, max_consecutive_skips: int = 20,
-                 device_memory: int | str | None = None):
+                 device_memory: int | str | None = None, target=None):
         devices = list(devices or jax.devices())
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.hf_config = hf_config
@@ -121,8 +124,13 @@ class Trainer:
         self.loss_fn = loss_fn or causal_lm_loss(self.graphdef)
         self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
         if self.config.stage == "auto":
+            mesh = self.mesh
+            if target is not None:
+                target = resolve_target(target)
+                mesh = make_mesh(devices=target.devices(len(devices)), **self.config.mesh_shape(len(devices)))
+                device_memory = device_memory or target.memory_bytes
             memory = _memory_budget(devices[0], device_memory)
-            self.config = self._choose_stage(params, tx, scanned, memory)
+            self.config = self._choose_stage(params, tx, scanned, memory, mesh)
         self.plan, self.train_step = self._build(self.config, params, tx, scanned)
         self.eval_step = make_eval_step(self.loss_fn, self.plan)
         self.state: TrainState = init_state(params, self.plan)
@@ -136,23 +144,28 @@ class Trainer:
         self.output_dir = Path(self.args.output_dir) if self.args.output_dir else None
         self.history: list[dict] = []
 
-    def _build(self, config: ZeroConfig, params: Any, tx, scanned: tuple):
-        """The plan and train step of `config` (its stage resolved)."""
-        plan = make_plan(params, tx, config.zero_rules(self.mesh), config.precision(), scanned=scanned,
+    def _build(self, config: ZeroConfig, params: Any, tx, scanned: tuple, mesh=None):
+        """The plan and train step of `config` (its stage resolved) on `mesh` (default: the Trainer's)."""
+        plan = make_plan(params, tx, config.zero_rules(mesh or self.mesh), config.precision(), scanned=scanned,
                          offload=config.offload())
         return plan, make_train_step(self.loss_fn, plan, micro_batches=config.gradient_accumulation_steps,
                                      max_grad_norm=config.gradient_clipping)
 
-    def _choose_stage(self, params: Any, tx, scanned: tuple, device_memory: int) -> ZeroConfig:
+    def _choose_stage(self, params: Any, tx, scanned: tuple, device_memory: int, mesh) -> ZeroConfig:
         """`zero_optimization.stage: "auto"`: compiles this Trainer's step ahead of time (nothing allocated)
-        for each of the config's stage options, cheapest first, and takes the first whose compiled peak
-        bytes per device fit `device_memory`; prints the choice and every peak it compiled."""
-        data = NamedSharding(self.mesh, P(DATA_AXES))
+        on `mesh` for each of the config's stage options, cheapest first, and takes the first whose compiled
+        peak bytes per device fit `device_memory`; prints the choice and every peak it compiled (an option
+        the mesh's devices cannot compile, such as offload on a GPU target, is skipped with its reason)."""
+        data = NamedSharding(mesh, P(DATA_AXES))
         batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), self.train_batches.batch(0))
         peaks = []
         for option in self.config.stage_options():
             config = self.config.with_stage(*option)
-            plan, step = self._build(config, params, tx, scanned)
+            try:
+                plan, step = self._build(config, params, tx, scanned, mesh)
+            except ValueError as e:  # e.g. host offload on compile-only CUDA devices
+                peaks.append(f"{option_name(*option)} not compiled: {e}")
+                continue
             peak = compile_train_step(step, plan, batch).peak_bytes
             peaks.append(f"{option_name(*option)} {peak / 2**30:.3f} GiB")
             if peak <= device_memory:
