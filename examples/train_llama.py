@@ -22,6 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# No GPU or TPU on this machine: use the CPU without probing the compilers `zerojax[aot]` installs.
+if not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/accel0")) and not list(Path("/dev").glob("vfio/[0-9]*")):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402

@@ -161,9 +161,11 @@ def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch,
     np.testing.assert_allclose(losses, reference, rtol=1e-6)
     stacked = [x for x in jax.tree.leaves(state.params["layers"])]
     assert {x.sharding.memory_kind for x in stacked} == {"pinned_host"}
-    # traced once: every stacked parameter, one layer's shard (no layer axis), still in host memory
-    assert len(fetched) == len(stacked)
-    assert all(shape == x.sharding.shard_shape(x.shape)[1:] for (shape, _), x in zip(fetched, stacked))
+    # traced once: every stacked matrix, one layer's shard (no layer axis), still in host memory; stacked
+    # vectors (the norm scales) are copied to the device whole at the step's start
+    matrices = [x for x in stacked if x.ndim >= 3]
+    assert len(fetched) == len(matrices) < len(stacked)
+    assert all(shape == x.sharding.shard_shape(x.shape)[1:] for (shape, _), x in zip(fetched, matrices))
     assert {space for _, space in fetched} == {jax.memory.Space.Host}
 
 

@@ -75,13 +75,13 @@ def test_every_mode_compiles_for_h100(model, case):
     asked = {k: sum(v.values()) for k, v in compiled.lowered_collectives.items()}
     for kind in ("reduce-scatter",) + (() if plan.keeps_master else ("all-gather",)):
         assert moved.get(kind, 0) == pytest.approx(asked.get(kind, 0), rel=0.01), kind
-    assert compiled.overlap is not None and 0 < compiled.overlap <= 1
+    assert 0 < compiled.overlap["total"] <= 1  # XLA:GPU's schedule overlaps collectives with compute
 
 
 @pytest.mark.parametrize("case", TPU_CASES)
 def test_every_mode_compiles_for_tpu_v5p(model, case):
     plan, compiled = compile_case(model, "tpu-v5p", case)
-    assert compiled.target == "tpu-v5p" and compiled.temp_bytes > 0
+    assert compiled.target == "tpu-v5p" and compiled.temp_bytes > 0 and compiled.overlap is None
     check_state_and_collectives(plan, compiled, tolerance=0.02)
     host = zj.memory_report(plan).host_bytes
     # XLA:TPU reports host bytes itself: exactly the plan's offloaded state.

@@ -139,7 +139,7 @@ class Compiled:
     lowered_collectives: dict  # kind -> dtype -> bytes, from the lowered StableHLO
     compiled_collectives: dict  # kind -> dtype -> bytes, from the compiled HLO (CPU upcasts 16-bit)
     seconds: float
-    overlap: float | None = None  # share of compiled collective bytes overlapped with compute
+    overlap: dict | None = None  # kind (and total) -> share of compiled collective bytes overlapped with compute
     target: str | None = None  # the accelerator compiled for (`zerojax.targets`); None: this machine's devices
 
     @property

@@ -166,16 +166,17 @@ def _hlo_group_size(line: str) -> int:
 class Collective:
     """One collective of a compiled program, as the ZeRO paper prices it (see the module docstring).
 
-    `times`: how often it runs per step (loop trip counts); `overlapped`: an asynchronous collective with
-    compute scheduled between its start and its done; `rewrite_of`: the collective the program asked
-    for when the compiler implements it as another (XLA:TPU's all-reduce of a zero-padded buffer for an
-    all-gather or reduce-scatter), None otherwise.
+    `times`: how often it runs per step (loop trip counts); `asynchronous`: issued as a start and a done;
+    `overlapped`: an asynchronous collective with compute scheduled between its start and its done;
+    `rewrite_of`: the collective the program asked for when its op name says the compiler implements it
+    as another kind, None otherwise (XLA:TPU's combined all-reduces carry no op name: see `rewritten`).
     """
 
     kind: str
     dtype: str
     nbytes: int
     times: int = 1
+    asynchronous: bool = False
     overlapped: bool = False
     rewrite_of: str | None = None
 
@@ -260,7 +261,7 @@ def compiled_program(text: str) -> list[Collective]:
                 rewrite = _rewrite_of(base, line)
                 for dtype, dims in shapes:
                     nbytes = math.prod(int(d) for d in dims.split(",") if d) * _itemsize(dtype)
-                    found.append(Collective(base, dtype, factor * nbytes, rewrite_of=rewrite))
+                    found.append(Collective(base, dtype, factor * nbytes, asynchronous=started, rewrite_of=rewrite))
             else:
                 if opcode not in _NOT_COMPUTE and not started:
                     pending = {k: (i, True) for k, (i, _) in pending.items()}
@@ -275,6 +276,8 @@ def compiled_program(text: str) -> list[Collective]:
                 for callee, times in callees:
                     found += [dataclasses.replace(c, times=c.times * times) for c in visit(callee)]
             if started and len(found) > first:  # an async collective, or an async wrapper of one
+                for i in range(first, len(found)):
+                    found[i] = dataclasses.replace(found[i], asynchronous=True)
                 pending[result] = (tuple(range(first, len(found))), False)
         memo[name] = found
         return found
@@ -295,11 +298,15 @@ def compiled_collectives(text: str) -> dict:
     return by_kind(compiled_program(text))
 
 
-def overlap(collectives: list[Collective]) -> float | None:
-    """The share of collective bytes whose async start and done have compute scheduled between them
-    (None for a program that moves nothing)."""
-    total = sum(c.nbytes * c.times for c in collectives)
-    return sum(c.nbytes * c.times for c in collectives if c.overlapped) / total if total else None
+def overlap(collectives: list[Collective]) -> dict[str, float] | None:
+    """Per kind, and in `total`: the share of collective bytes whose async start and done have compute
+    scheduled between them; None for a program that states no asynchronous collective (XLA:CPU, and
+    XLA:TPU, whose program text shows collectives as single instructions)."""
+    if not any(c.asynchronous for c in collectives):
+        return None
+    share = lambda cs: sum(c.nbytes * c.times for c in cs if c.overlapped) / max(sum(c.nbytes * c.times for c in cs), 1)
+    kinds = sorted({c.kind for c in collectives})
+    return {**{k: share([c for c in collectives if c.kind == k]) for k in kinds}, "total": share(collectives)}
 
 
 _HOST_ARGUMENT = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]\{[0-9,]*:S\(5\)\}")

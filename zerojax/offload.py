@@ -148,14 +148,10 @@ def to_memory(tree, shardings, kind: str):
     return jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind(kind)), tree, shardings)
 
 
-@jax.custom_vjp
 def fetch(x: jax.Array) -> jax.Array:
-    """`x` (in host memory, inside a traced function) copied to device memory; its cotangent goes back
-    to host memory, the memory space of `x`."""
+    """`x` (in host memory, inside a traced function) copied to device memory. (The train step never
+    differentiates it: gradients land in their carriers, see `zerojax.gather`.)"""
     return jax.device_put(x, jax.memory.Space.Device)
-
-
-fetch.defvjp(lambda x: (fetch(x), None), lambda _, g: (jax.device_put(g, jax.memory.Space.Host),))
 
 
 def on_device(tree, shardings):

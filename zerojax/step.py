@@ -4,9 +4,11 @@ Forward and backward run per device inside `shard_map` over the data-parallel ax
 collectives are the ones ZeRO prescribes on every backend (XLA:CPU would otherwise turn a
 reduce-scatter into all-reduce + slice):
 
-1. stage-3 parameter shards are all-gathered in the compute dtype before use;
+1. stage-3 parameter shards (fp32 where they are the master weights) are cast to the compute dtype
+   and all-gathered before use;
 2. each micro-batch's gradient is reduce-scattered over the leaf's gradient axes (stages 2–3) in the
-   reduce dtype and accumulated in the accumulation dtype at its sharded size;
+   reduce dtype into a zero carrier of the shard (`zerojax.gather`), and with several micro-batches
+   accumulated in the accumulation dtype at its sharded size;
 3. after the last micro-batch the accumulator is reduce-scattered to the optimizer layout (stage 1)
    or all-reduced over the axes the leaf is replicated on (stage 0, MiCS across groups).
 
@@ -14,7 +16,7 @@ The optimizer update then runs on the sharded gradients, master weights and opti
 ordinary jitted code: element-wise updates stay local, and any per-tensor reduction an optax
 transformation needs (Adafactor, LAMB) is partitioned correctly by XLA. The new compute copy is
 cast from the master weights and placed in the parameter layout (an all-gather in the compute dtype
-at stages 1–2).
+at stages 1–2); at ZeRO-3 the updated fp32 shards are the parameters themselves.
 """
 
 from __future__ import annotations
