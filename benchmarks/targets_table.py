@@ -28,6 +28,9 @@ GIB = 2**30
 
 def row(e: est.StageEstimate, model: str) -> dict:
     c = e.compiled
+    if c is None:  # the compiler refused the step for memory
+        return {"model": model, "devices": e.devices, "stage": e.stage, "params": e.params, "refused": e.refused,
+                "peak_gib_at_least": round(e.peak_bytes / GIB, 3), "fits": False}
     state_theory = e.theory_model_state_bytes - e.grad_bytes  # held between steps: the formula less gradients
     return {
         "target": c.target, "model": model, "devices": e.devices, "stage": e.stage,

@@ -115,6 +115,31 @@ def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int 
     return saved + layer + logits
 
 
+class DeviceMemoryExceeded(ValueError):
+    """The accelerator's compiler refused the step: its temporaries alone exceed the device's memory
+    (XLA:TPU does not compile a program that cannot fit). `temp_bytes` is what it said it needs."""
+
+    def __init__(self, message: str, temp_bytes: int, available_bytes: int):
+        super().__init__(message)
+        self.temp_bytes, self.available_bytes = temp_bytes, available_bytes
+
+
+_OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _refused_for_memory(error: Exception) -> DeviceMemoryExceeded | None:
+    """The compiler's out-of-memory refusal as a `DeviceMemoryExceeded` (None for any other error)."""
+    m = _OUT_OF_MEMORY.search(str(error))
+    if m is None:
+        return None
+    size = lambda value, unit: int(float(value) * 2 ** (10 * "KMGT".index(unit) + 10))
+    need, have = size(m.group(1), m.group(2)), size(m.group(3), m.group(4))
+    return DeviceMemoryExceeded(
+        f"the compiler refused the step: its temporaries need {need / 2**30:.2f} GiB per device, more than the "
+        f"{have / 2**30:.2f} GiB there are (a higher stage, offload, more devices or a smaller batch would fit)",
+        need, have)
+
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """XLA's memory analysis of the compiled step, per device, and its collectives per step.
@@ -191,6 +216,8 @@ class StageEstimate:
     theory_collectives: dict  # kind -> bytes per step by the ZeRO paper (2Ψ or 3Ψ elements)
     device_memory: int | None
     compiled: Compiled | None = None
+    refused: str | None = None  # the compiler's refusal (`DeviceMemoryExceeded`): the step cannot fit
+    refused_bytes: int = 0  # the temporaries it said the step needs
 
     @property
     def theory_collective_bytes(self) -> int:
@@ -202,8 +229,13 @@ class StageEstimate:
 
     @property
     def peak_bytes(self) -> int:
-        """Device bytes at the step's peak: compiled when available, else analytic."""
-        return self.compiled.peak_bytes if self.compiled else self.analytic_peak_bytes
+        """Device bytes at the step's peak: compiled when available; where the compiler refused the step
+        for memory, its held device state plus the temporaries it said it needs; else analytic."""
+        if self.compiled:
+            return self.compiled.peak_bytes
+        if self.refused:
+            return self.model_state_bytes - self.host_bytes - self.grad_bytes + self.refused_bytes
+        return self.analytic_peak_bytes
 
     @property
     def collective_bytes(self) -> dict[str, int]:
@@ -214,6 +246,8 @@ class StageEstimate:
 
     @property
     def fits(self) -> bool | None:
+        if self.refused:
+            return False
         return None if self.device_memory is None else self.peak_bytes <= self.device_memory
 
     def as_json(self) -> dict:
@@ -223,7 +257,8 @@ class StageEstimate:
             "offload_param": "cpu" if self.offload_param else None,
             "model_state_bytes": self.model_state_bytes,
             "peak_bytes": self.peak_bytes,
-            "peak_source": "compiled" if self.compiled else "analytic",
+            "peak_source": "compiled" if self.compiled else ("compiler refused" if self.refused else "analytic"),
+            "refused": self.refused,
             "theory_model_state_bytes": int(self.theory_model_state_bytes),
             "host_bytes": self.host_bytes,
             "collective_bytes": self.collective_bytes,
@@ -356,7 +391,10 @@ def estimate(
     )
     if compiled:
         name = None if target is None else getattr(target, "name", str(target))
-        result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, seq, micro_batch, target=name))
+        try:
+            result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, seq, micro_batch, target=name))
+        except DeviceMemoryExceeded as e:
+            result = dataclasses.replace(result, refused=str(e), refused_bytes=e.temp_bytes)
     return result
 
 
@@ -386,7 +424,13 @@ def compile_train_step(step, plan, batch, target: str | None = None) -> Compiled
     start = time.perf_counter()
     lowered = step.lower(plan.abstract_state(), batch)
     lowered_text = lowered.as_text()
-    exe = lowered.compile()
+    try:
+        exe = lowered.compile()
+    except Exception as e:  # jax's JaxRuntimeError: the compiler's own refusal
+        refused = _refused_for_memory(e)
+        if refused is None:
+            raise
+        raise refused from None
     seconds = time.perf_counter() - start
     stats, compiled_text = exe.memory_analysis(), exe.as_text()
     n = plan.rules.data_size
@@ -459,7 +503,7 @@ def table(estimates: list[StageEstimate]) -> str:
             f"{'comm/step':>10} {'fits':>5}")
     lines = [head, "-" * len(head)]
     for e in estimates:
-        fits = "-" if e.fits is None else ("yes" if e.fits else "no")
+        fits = "-" if e.fits is None else ("yes" if e.fits else "no*" if e.refused else "no")
         lines.append(
             f"{describe_option(e):46} {num(e.model_state_bytes)} {num(e.theory_model_state_bytes)} "
             f"{num(e.host_bytes)} {num(e.activation_bytes)} {num(e.peak_bytes)} "
@@ -471,11 +515,12 @@ def table(estimates: list[StageEstimate]) -> str:
         f"{unit} per device. states: params + gradient accumulator + master + optimizer state (theory: the ZeRO "
         f"formula); peak: {src}; comm/step: all-gather results + reduce-scatter operands + 2 x all-reduce operands."
     )
+    lines += [f"no*: {describe_option(e)}: {e.refused}" for e in estimates if e.refused]
     return "\n".join(lines)
 
 
 __all__ = [
-    "Compiled", "PRESETS", "StageEstimate", "activation_bytes", "choose_stage", "compile_step", "compile_train_step",
+    "Compiled", "DeviceMemoryExceeded", "PRESETS", "StageEstimate", "activation_bytes", "choose_stage", "compile_step", "compile_train_step",
     "compiled_collectives", "host_layout_bytes", "option_name", "estimate", "load_model_config", "lowered_collectives", "parse_bytes", "step_collectives",
     "table",
 ]

@@ -32,7 +32,7 @@ from zerojax.args import TrainingArguments
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
 from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.data import Batches, num_examples
-from zerojax.estimate import compile_train_step, option_name, parse_bytes
+from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
 from zerojax.mesh import DATA_AXES, make_mesh
 from zerojax.models import causal_lm_loss, stacked_layers
 from zerojax.plan import TrainState, init_state, make_plan
@@ -166,7 +166,11 @@ class Trainer:
             except ValueError as e:  # e.g. host offload on compile-only CUDA devices
                 peaks.append(f"{option_name(*option)} not compiled: {e}")
                 continue
-            peak = compile_train_step(step, plan, batch).peak_bytes
+            try:
+                peak = compile_train_step(step, plan, batch).peak_bytes
+            except DeviceMemoryExceeded as e:  # the target's compiler refuses what cannot fit
+                peaks.append(f"{option_name(*option)} over {e.temp_bytes / 2**30:.3f} GiB (compiler refused)")
+                continue
             peaks.append(f"{option_name(*option)} {peak / 2**30:.3f} GiB")
             if peak <= device_memory:
                 if jax.process_index() == 0:
