@@ -77,7 +77,10 @@ def canonical_optimizer(name: Any) -> str | None:
 
 
 def check_params(kind: str, name: str, params: Any, table: Mapping[str, Any], problems: list[str]) -> dict:
-    """`params` with defaults filled and types checked against `table`; problems name `kind.params.key`."""
+    """`params` with defaults filled and types checked against `table`; problems name `kind.params.key`.
+    Numbers come back as the update uses them: counts as int, everything else as float (an int
+    hyperparameter would become an int32 array inside optax)."""
+    from zerojax.config.errors import MAX_LISTED, key_text, shown
     from zerojax.config.keys import UNRESOLVED, did_you_mean
 
     if params is None:
@@ -87,28 +90,39 @@ def check_params(kind: str, name: str, params: Any, table: Mapping[str, Any], pr
         return dict(table)
     out = dict(table)
     unresolved = {k for k, v in params.items() if v is UNRESOLVED}
+    typos = 0
     for key, value in params.items():
-        path = f"{kind}.params.{key}"
+        path = f"{kind}.params.{key_text(key)}"
         if key not in table:
-            problems.append(
-                f"{path} is not a parameter of {name}{did_you_mean(key, table)}; it accepts {sorted(table)}."
-            )
+            typos += 1
+            near = did_you_mean(key, table) if typos <= MAX_LISTED else ""
+            problems.append(f"{path} is not a parameter of {name}{near}; it accepts {sorted(table)}.")
             continue
         if key in unresolved:
             continue
         bad = _param_problem(key, value)
         if bad:
             hint = ' ("auto" needs training_args to resolve it)' if value == "auto" else ""
-            problems.append(f"{path}={value!r} is invalid: it must be {bad}{hint}.")
+            problems.append(f"{path}={shown(value)} is invalid: it must be {bad}{hint}.")
             continue
         if key in _UNSUPPORTED_TRUE and value:
             problems.append(f"{path}=true: {_UNSUPPORTED_TRUE[key]}.")
             continue
-        out[key] = tuple(value) if key == "betas" else (int(value) if key in _INTS and value is not None else value)
+        out[key] = _typed(key, value)
     for key, default in table.items():
         if default is None and out[key] is None and key not in _OPTIONAL | unresolved:
             problems.append(f"{kind}.params.{key} is required by {name}; add it.")
     return out
+
+
+def _typed(key: str, value: Any) -> Any:
+    """A valid parameter value as the optimizer or schedule uses it: betas a float pair, counts int, other
+    numbers float; booleans, strings and None unchanged."""
+    if key == "betas":
+        return tuple(float(b) for b in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return int(value) if key in _INTS else float(value)
 
 
 def _param_problem(key: str, value: Any) -> str | None:
@@ -432,14 +446,14 @@ def check_optimizer(block: Any, problems: list[str]) -> OptimizerSpec | None:
     if not isinstance(block, dict):
         problems.append(f"optimizer must be an object with 'type' and 'params', got {type(block).__name__}.")
         return None
-    extra = sorted(set(block) - {"type", "params"})
-    if extra:
-        problems.append(f"optimizer has keys {extra}; it takes only 'type' and 'params'.")
+    _extra_keys("optimizer", block, problems)
     kind = canonical_optimizer(block.get("type"))
     if kind is None:
+        from zerojax.config.errors import shown
+
         supported = ", ".join(OPTIMIZER_NAMES.values())
         problems.append(
-            f"optimizer.type={block.get('type')!r} is not supported; use one of {supported} (case-insensitive)."
+            f"optimizer.type={shown(block.get('type'))} is not supported; use one of {supported} (case-insensitive)."
         )
         return None
     params = check_params("optimizer", OPTIMIZER_NAMES[kind], block.get("params"), OPTIMIZER_PARAMS[kind], problems)
@@ -462,15 +476,23 @@ def check_scheduler(block: Any, problems: list[str]) -> SchedulerSpec | None:
     if not isinstance(block, dict):
         problems.append(f"scheduler must be an object with 'type' and 'params', got {type(block).__name__}.")
         return None
-    extra = sorted(set(block) - {"type", "params"})
-    if extra:
-        problems.append(f"scheduler has keys {extra}; it takes only 'type' and 'params'.")
+    _extra_keys("scheduler", block, problems)
     kind = block.get("type")
     if not isinstance(kind, str) or kind not in SCHEDULER_PARAMS:
+        from zerojax.config.errors import shown
         from zerojax.config.keys import did_you_mean
 
         near = did_you_mean(kind, SCHEDULER_PARAMS) if isinstance(kind, str) else ""
-        problems.append(f"scheduler.type={kind!r} is not supported{near}; use one of {sorted(SCHEDULER_PARAMS)}.")
+        problems.append(f"scheduler.type={shown(kind)} is not supported{near}; use one of {sorted(SCHEDULER_PARAMS)}.")
         return None
     params = check_params("scheduler", kind, block.get("params"), SCHEDULER_PARAMS[kind], problems)
     return SchedulerSpec(kind, params)
+
+
+def _extra_keys(kind: str, block: dict, problems: list[str]) -> None:
+    """A problem naming the keys of an optimizer/scheduler block other than 'type' and 'params'."""
+    from zerojax.config.errors import listed
+
+    extra = sorted(set(block) - {"type", "params"})
+    if extra:
+        problems.append(f"{kind} has keys {listed(extra)}; it takes only 'type' and 'params' — remove the others.")

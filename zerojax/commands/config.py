@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -46,11 +47,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_json_object(path: str) -> dict:
+    """The JSON object in `path`, read with the config reader's bounds (size, depth, 64-bit integers)."""
+    from zerojax.config.errors import shown
+    from zerojax.config.loading import MAX_JSON_BYTES, check_tree, int_of, read_text
+
+    text = read_text(Path(path), MAX_JSON_BYTES)
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--args {path!r}: {e}") from None
+        value = json.loads(text, parse_int=int_of)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"--args {path!r} is not valid JSON: {shown(str(e))}; write a JSON object of "
+                         "TrainingArguments fields.") from None
     if not isinstance(value, dict):
         raise ValueError(f"--args {path!r} must hold a JSON object of TrainingArguments fields.")
-    return value
+    return check_tree(value, f"--args {path!r}")

@@ -12,7 +12,8 @@ import copy
 from typing import Any
 
 from zerojax.args import TrainingArguments
-from zerojax.config.keys import UNRESOLVED, ZERO, by_name
+from zerojax.config.errors import shown
+from zerojax.config.keys import TOP, UNRESOLVED, ZERO, by_name, spelled
 
 AUTO = "auto"
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -44,12 +45,12 @@ def resolve_auto(
     _resolve_hidden_size(config, model_config, problems)
     zero = config.get("zero_optimization")
     if isinstance(zero, dict):
-        for name in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
-            if zero.get(name) == AUTO:  # Accelerate fills it from zero3_save_16bit_model (default False)
-                zero[name] = bool(hints.get("zero3_save_16bit_model") or False)
+        name = spelled(zero, ZERO, "stage3_gather_16bit_weights_on_model_save")
+        if zero.get(name) == AUTO:  # Accelerate fills it from zero3_save_16bit_model (default False)
+            zero[name] = bool(hints.get("zero3_save_16bit_model") or False)
     fill_batch = args is not None and all(config.get(k, AUTO) == AUTO for k in _BATCH_KEYS)
-    for path, value, source in _from_args(config, args, world_size):
-        node, key = _node(config, path)
+    for canonical, value, source in _from_args(config, args, world_size):
+        node, key, path = _node(config, canonical)
         if node is None:
             continue
         if key not in node and path in _BATCH_KEYS and fill_batch:
@@ -63,7 +64,7 @@ def resolve_auto(
         elif value is not None and source.startswith("TrainingArguments") and key in node:
             if not _same(node[key], value):
                 problems.append(
-                    f"{path}={node[key]!r} in the config but {source} gives {value!r}; make them agree "
+                    f"{path}={shown(node[key])} in the config but {source} gives {value!r}; make them agree "
                     f'or set {path} to "auto".'
                 )
     return config
@@ -157,12 +158,17 @@ def _resolve_hidden_size(config: dict, model_config: Any, problems: list[str]) -
                              "stage3_param_persistence_threshold": 10 * h}[name]
 
 
-def _node(config: dict, path: str) -> tuple[dict | None, str]:
-    *parents, key = path.split(".")
+def _node(config: dict, path: str) -> tuple[dict | None, str, str]:
+    """The dict holding the last key of `path` (None if there is none), that key, and `path` as the config
+    spells it (a top-level block may be written by its old name, `bfloat16` for `bf16`)."""
+    first, *rest = path.split(".")
+    if rest and first in by_name(TOP):
+        first = spelled(config, TOP, first)
+    *parents, key = [first, *rest]
     node: Any = config
     for p in parents:
         node = node.get(p) if isinstance(node, dict) else None
-    return (node if isinstance(node, dict) else None), key
+    return (node if isinstance(node, dict) else None), key, ".".join((*parents, key))
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,17 +1,19 @@
-"""DeepSpeed's deprecated spellings, rewritten to the current ones with one warning each.
+"""DeepSpeed's deprecated spellings, read as the current ones with one warning each.
 
-`bfloat16` → `bf16`; `"zero_optimization": true/false` → stage 1/0; `cpu_offload` →
-`offload_optimizer: {device: cpu}`; `cpu_offload_param` → `offload_param: {device: cpu}`;
-`cpu_offload_use_pin_memory` (ignored, as in DeepSpeed); `stage3_gather_fp16_weights_on_model_save` →
-`stage3_gather_16bit_weights_on_model_save`; `communication_data_type: "bfp16"` → `"bf16"`. Giving an
-old name together with its new name is an error, as in DeepSpeed.
+`bfloat16` → `bf16` and `stage3_gather_fp16_weights_on_model_save` →
+`stage3_gather_16bit_weights_on_model_save` are old names in the key tables (`Key.old_names`): the config
+keeps the user's spelling, so messages name the key as written. Rewritten here: `"zero_optimization":
+true/false` → stage 1/0; `cpu_offload` → `offload_optimizer: {device: cpu}`; `cpu_offload_param` →
+`offload_param: {device: cpu}`; `cpu_offload_use_pin_memory` (ignored, as in DeepSpeed);
+`communication_data_type: "bfp16"` → `"bf16"`. Giving an old name together with its new name is an
+error, as in DeepSpeed.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from zerojax.config.errors import ConfigDeprecationWarning
+from zerojax.config.errors import ConfigDeprecationWarning, shown
 
 _RENAMED_ZERO = {
     "stage3_gather_fp16_weights_on_model_save": ("stage3_gather_16bit_weights_on_model_save",
@@ -21,13 +23,14 @@ _OFFLOAD_FLAGS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offl
 
 
 def apply_deprecations(config: dict, problems: list[str]) -> dict:
-    """`config` (modified in place and returned) with deprecated keys rewritten; clashes → `problems`."""
+    """`config` (modified in place and returned) with deprecated values rewritten; an old name together
+    with its new name → `problems` (and the old one dropped)."""
     if "bfloat16" in config:
         if "bf16" in config:
             problems.append("bf16 and its deprecated name bfloat16 are both given; keep bf16 only.")
+            config.pop("bfloat16")
         else:
             _warn("bfloat16", "bf16")
-            config["bf16"] = config.pop("bfloat16")
     if isinstance(config.get("zero_optimization"), bool):
         stage = int(config["zero_optimization"])
         _warn('"zero_optimization": true/false', f'"zero_optimization": {{"stage": {stage}}}')
@@ -44,15 +47,15 @@ def apply_deprecations(config: dict, problems: list[str]) -> dict:
             if any(n in zero for n in new_names):
                 problems.append(f"zero_optimization.{old} (deprecated) and {new_names[0]} are both given; keep "
                                 f"{new_names[0]} only.")
+                zero.pop(old)
             else:
                 _warn(f"zero_optimization.{old}", new_names[0])
-                zero[new_names[0]] = zero.pop(old)
     for old, new in _OFFLOAD_FLAGS.items():
         if old not in zero:
             continue
         value = zero.pop(old)
         if not isinstance(value, bool):
-            problems.append(f"zero_optimization.{old}={value!r} must be true or false (it is deprecated: use {new}).")
+            problems.append(f"zero_optimization.{old}={shown(value)} must be true or false (it is deprecated: use {new}).")
             continue
         if new in zero and value:
             problems.append(f"zero_optimization.{old} (deprecated) and {new} are both given; keep {new} only.")

@@ -1,15 +1,22 @@
-"""The config package's exception and warnings."""
+"""The config package's exception and warnings, and the helpers that keep every message short."""
 
 from __future__ import annotations
 
+import math
+import reprlib
+
+MAX_LISTED = 5  # names a message lists before saying how many more there are
+_MAX_PROBLEMS = 10  # problems a ConfigError lists before saying how many more there are
+_MAX_MESSAGE = 1700  # characters of problems a ConfigError lists, at most, before it counts the rest
+
 
 class ConfigError(ValueError):
-    """A DeepSpeed config that zerojax cannot run as written; `problems` lists every reason found."""
+    """A DeepSpeed config that zerojax cannot run as written; `problems` lists every reason found, the
+    message the first few of them."""
 
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        lines = self.problems
-        super().__init__(lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n- " + "\n- ".join(lines))
+        super().__init__(_summary(self.problems))
 
 
 class ConfigWarning(UserWarning):
@@ -18,3 +25,49 @@ class ConfigWarning(UserWarning):
 
 class ConfigDeprecationWarning(FutureWarning):
     """A deprecated DeepSpeed key that zerojax maps to its current name."""
+
+
+class _Short(reprlib.Repr):
+    """`reprlib` that shows an integer of any size by its number of digits."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) < 10**20:
+            return repr(x)
+        return f"<an integer of ~{int(abs(x).bit_length() * math.log10(2)) + 1:,} digits>"
+
+
+_SHORT = _Short()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel = 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 4
+
+
+def shown(value) -> str:
+    """`repr(value)`, at most about 60 characters a string and 4 items a container."""
+    return _SHORT.repr(value)
+
+
+def key_text(name: str) -> str:
+    """A key as a message writes it: bare when short and printable, else its shortened repr."""
+    return name if len(name) <= 60 and name.isprintable() else shown(name)
+
+
+def listed(names) -> str:
+    """'a, b, c, d, e and 99,995 more': the first `MAX_LISTED` names (shortened) and a count of the rest."""
+    names = list(names)
+    head = ", ".join(key_text(str(n)) for n in names[:MAX_LISTED])
+    return head if len(names) <= MAX_LISTED else f"{head} and {len(names) - MAX_LISTED:,} more"
+
+
+def _summary(lines: list[str]) -> str:
+    """One problem as it is; several as a list of the first few, then how many more there are."""
+    if len(lines) == 1:
+        return lines[0]
+    shown_lines: list[str] = []
+    for line in lines[:_MAX_PROBLEMS]:
+        if shown_lines and sum(map(len, shown_lines)) + len(line) > _MAX_MESSAGE:
+            break
+        shown_lines.append(line)
+    rest = len(lines) - len(shown_lines)
+    more = [f"and {rest:,} more (fix these and run again to see them)"] if rest else []
+    return f"{len(lines):,} problems:\n- " + "\n- ".join(shown_lines + more)

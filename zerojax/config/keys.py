@@ -12,7 +12,7 @@ import math
 import warnings
 from typing import Any
 
-from zerojax.config.errors import ConfigWarning
+from zerojax.config.errors import MAX_LISTED, ConfigWarning, key_text, listed, shown
 
 MAPPED, NO_EFFECT, ERROR = "mapped", "no effect", "error"
 
@@ -29,7 +29,8 @@ UNRESOLVED = _Unresolved()
 
 @dataclasses.dataclass(frozen=True)
 class Key:
-    """One DeepSpeed key: `name` is DeepSpeed's spelling (what `to_dict` writes); `aliases` also accepted."""
+    """One DeepSpeed key: `name` is DeepSpeed's spelling (what `to_dict` writes); `aliases` also accepted;
+    `old_names`: deprecated spellings, accepted too (`deprecated.py` warns about them)."""
 
     name: str
     kind: str  # bool | int | number | str | dict | list | any
@@ -41,6 +42,7 @@ class Key:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     nullable: bool = False
+    old_names: tuple[str, ...] = ()
 
 
 def _k(name, kind, default, status, effect, **kw) -> Key:
@@ -106,7 +108,7 @@ ZERO = (
        aliases=("max_reuse_distance",), minimum=0),
     _k("stage3_gather_16bit_weights_on_model_save", "bool", False, MAPPED,
        "`ZeroConfig.gather_16bit_weights_on_model_save` (export consolidates the 16-bit weights)",
-       aliases=("gather_16bit_weights_on_model_save",)),
+       aliases=("gather_16bit_weights_on_model_save",), old_names=("stage3_gather_fp16_weights_on_model_save",)),
     _k("stage3_module_granularity_threshold", "int", 0, NO_EFFECT, "PyTorch hook granularity",
        aliases=("module_granularity_threshold",)),
     _k("stage3_use_all_reduce_for_fetch_params", "bool", False, NO_EFFECT, "zerojax gathers with all-gather",
@@ -183,7 +185,7 @@ TOP = (
     _k("scheduler", "dict", None, MAPPED, "learning-rate schedule inside `ZeroConfig.optimizer()`", nullable=True),
     _k("zero_optimization", "dict", None, MAPPED, "see zero_optimization.* below", nullable=True),
     _k("fp16", "dict", None, MAPPED, "see fp16.* below", nullable=True),
-    _k("bf16", "dict", None, MAPPED, "see bf16.* below (old name `bfloat16`)", nullable=True),
+    _k("bf16", "dict", None, MAPPED, "see bf16.* below (old name `bfloat16`)", nullable=True, old_names=("bfloat16",)),
     _k("data_types", "dict", None, MAPPED, "see data_types.* below", nullable=True),
     _k("amp", "dict", None, ERROR, "NVIDIA Apex AMP: enabled is an error, use fp16 or bf16", nullable=True),
     _k("activation_checkpointing", "dict", None, NO_EFFECT, "use `jax.checkpoint` / `nnx.remat` in the model",
@@ -216,12 +218,20 @@ BLOCKS = {
 
 
 def by_name(spec: tuple[Key, ...]) -> dict[str, Key]:
-    """Each accepted spelling (name and aliases) → its `Key`."""
-    return {n: k for k in spec for n in (k.name, *k.aliases)}
+    """Each accepted spelling (name, aliases and old names) → its `Key`."""
+    return {n: k for k in spec for n in (k.name, *k.aliases, *k.old_names)}
+
+
+def spelled(raw: dict, spec: tuple[Key, ...], name: str) -> str:
+    """How `raw` spells the key `name` of `spec` (its first accepted spelling present), else `name`."""
+    key = by_name(spec)[name]
+    return next((n for n in (key.name, *key.aliases, *key.old_names) if n in raw), name)
 
 
 def did_you_mean(word: str, candidates) -> str:
-    """' (did you mean X?)' for the closest candidate, else ''."""
+    """' (did you mean X?)' for the closest candidate, else '' (also for words too long to be a typo)."""
+    if len(word) > 64:
+        return ""
     close = difflib.get_close_matches(word.lstrip("_"), list(candidates), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -262,33 +272,35 @@ def coerce(key: Key, path: str, value: Any, problems: list[str]) -> Any:
         bad = f"<= {key.maximum}"
     if bad is not None:
         hint = ' ("auto" here needs training_args / model_config to resolve it)' if value == "auto" else ""
-        problems.append(f"{path}={value!r} is invalid: it must be {bad}{hint}.")
+        problems.append(f"{path}={shown(value)} is invalid: it must be {bad}{hint}.")
         return key.default
     return value
 
 
 def validate_block(block: str, raw: dict, problems: list[str], ignored: list[str],
-                   unknown: list[str] | None = None) -> dict:
+                   unknown: list[str] | None = None, where: str | None = None) -> dict:
     """`raw` checked against the block's keys: canonical names, types, every default filled in.
 
-    Unknown keys are problems with a did-you-mean (or, when `unknown` is a list, collected there); keys
-    set explicitly that have no effect here are appended to `ignored`. Nested blocks come back as given.
+    Unknown keys are problems, the first few with a did-you-mean (or, when `unknown` is a list, collected
+    there); keys set explicitly that have no effect here are appended to `ignored`. Nested blocks come back
+    as given. `where` is the block's path as the config spells it (default: `block`).
     """
     spec = BLOCKS[block]
     names = by_name(spec)
-    prefix = f"{block}." if block else ""
+    prefix = f"{block if where is None else where}." if block else ""
     out: dict[str, Any] = {}
     seen: dict[str, str] = {}
+    typos = 0
     for name, value in raw.items():
         key = names.get(name)
         if key is None and unknown is not None:
             unknown.append(prefix + name)
             continue
         if key is None:
-            problems.append(
-                f"{prefix}{name} is not a DeepSpeed {block or 'top-level'} key{did_you_mean(name, names)}; "
-                "fix or remove it."
-            )
+            typos += 1
+            near = did_you_mean(name, names) if typos <= MAX_LISTED else ""
+            problems.append(f"{prefix}{key_text(name)} is not a DeepSpeed {block or 'top-level'} key{near}; "
+                            "fix or remove it.")
             continue
         if key.name in seen:
             problems.append(
@@ -307,7 +319,7 @@ def validate_block(block: str, raw: dict, problems: list[str], ignored: list[str
 def warn_once(message: str, names: list[str]) -> None:
     """One `ConfigWarning` listing `names` (nothing when empty)."""
     if names:
-        warnings.warn(f"{message}: {', '.join(sorted(names))}.", ConfigWarning, stacklevel=4)
+        warnings.warn(f"{message}: {listed(sorted(names))}.", ConfigWarning, stacklevel=4)
 
 
 def key_table() -> str:

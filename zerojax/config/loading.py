@@ -3,6 +3,10 @@
 Files are JSON with the hjson conveniences DeepSpeed accepts (``//``, ``#`` and ``/* */`` comments,
 trailing commas); duplicate keys are an error, as in DeepSpeed. An Accelerate config (YAML with
 ``distributed_type: DEEPSPEED``) is translated to the DeepSpeed dict Accelerate itself would build.
+
+Reading is bounded for any input: files and base64 strings up to `MAX_JSON_BYTES` (YAML, parsed in
+pure Python: `MAX_YAML_BYTES`), YAML without aliases, and every config tree (a dict passed in
+included) checked by `check_tree` before anything else walks it.
 """
 
 from __future__ import annotations
@@ -17,22 +21,32 @@ from typing import Any, Mapping
 
 import yaml
 
-from zerojax.config.errors import ConfigError
+from zerojax.config.errors import ConfigError, key_text, listed, shown
 
 YAML_SUFFIXES = (".yaml", ".yml")
+MAX_JSON_BYTES = 256 * 1024  # real DeepSpeed configs are a few kB
+MAX_YAML_BYTES = 16 * 1024  # real Accelerate configs are under 1 kB
+MAX_DEPTH = 32  # real configs nest fewer than 10 levels
+MAX_VALUES = 10_000  # real configs hold a few hundred values
+_JSON_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 
 
 def read_source(source: Any) -> tuple[dict, dict]:
     """The config dict of `source`, and hints for "auto" from an Accelerate YAML (else empty)."""
     if isinstance(source, Mapping):
-        return _check_keys(copy.deepcopy(dict(source)), "the config dict"), {}
+        return copy.deepcopy(check_tree(dict(source), "the config dict")), {}
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(source, os.PathLike) or os.path.exists(text):
             return read_file(Path(text))
+        if len(text) > MAX_JSON_BYTES * 4 // 3:
+            raise ConfigError(
+                f"load_config: the string {text[:40]!r}... is {len(text):,} characters, neither an existing file "
+                f"nor a base64 config of at most {MAX_JSON_BYTES // 1024} KiB; pass the path of your ds_config.json."
+            )
         decoded = _decode_base64(text)
         if decoded is not None:
-            return _check_keys(parse_text(decoded, "the base64 config"), "the base64 config"), {}
+            return check_tree(parse_text(decoded, "the base64 config"), "the base64 config"), {}
         if text.strip().endswith((".json", ".conf", ".yaml", ".yml")) or os.sep in text:
             return read_file(Path(text))
         raise ConfigError(
@@ -47,22 +61,42 @@ def read_source(source: Any) -> tuple[dict, dict]:
 
 def read_file(path: Path) -> tuple[dict, dict]:
     """The config dict in `path` (JSON/hjson, or an Accelerate YAML) and Accelerate's "auto" hints."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read the config file {str(path)!r}: {e.strerror or e}; check the path "
-                          "(pass a ds_config.json file, or a dict).") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"the config file {str(path)!r} is not UTF-8 text; a DeepSpeed config is JSON.") from None
     if path.suffix.lower() in YAML_SUFFIXES:
-        return accelerate_to_deepspeed(_parse_yaml(text, path), path)
-    return _check_keys(parse_text(text, repr(str(path))), repr(str(path))), {}
+        doc = check_tree(_parse_yaml(read_text(path, MAX_YAML_BYTES), path), repr(str(path)))
+        return accelerate_to_deepspeed(doc, path)
+    return read_json_file(path), {}
+
+
+def read_json_file(path: Path) -> dict:
+    """The config dict in the JSON (or hjson) file `path`, checked by `check_tree`."""
+    where = repr(str(path))
+    return check_tree(parse_text(read_text(path, MAX_JSON_BYTES), where), where)
+
+
+def read_text(path: Path, limit: int) -> str:
+    """The UTF-8 text of the file `path`; a ConfigError when it is unreadable or longer than `limit` bytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"cannot read the config file {shown(str(path))}: {reason}; check the path "
+                          "(pass a ds_config.json file, or a dict).") from None
+    if len(data) > limit:
+        raise ConfigError(
+            f"the config file {shown(str(path))} is larger than {limit // 1024} KiB, too large for a config of "
+            "its kind (a few kB); point at the config file itself."
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"the config file {shown(str(path))} is not UTF-8 text; a DeepSpeed config is JSON.") from None
 
 
 def parse_text(text: str, where: str) -> dict:
     """JSON text, tolerating comments and trailing commas; the top level must be an object."""
     try:
-        value = json.loads(strip_hjson(text), object_pairs_hook=_no_duplicates)
+        value = json.loads(strip_hjson(text), object_pairs_hook=_no_duplicates, parse_int=int_of)
     except json.JSONDecodeError as e:
         line = text.splitlines()[e.lineno - 1].strip() if 0 < e.lineno <= len(text.splitlines()) else ""
         raise ConfigError(
@@ -71,9 +105,10 @@ def parse_text(text: str, where: str) -> dict:
             "and fill in template placeholders."
         ) from None
     except _Duplicate as e:
-        raise ConfigError(f"{where} gives the key {e.args[0]!r} twice in one object; keep one of them.") from None
+        raise ConfigError(f"{where} gives the key {shown(e.args[0])} twice in one object; keep one of them.") from None
     except RecursionError:
-        raise ConfigError(f"{where} nests objects too deeply to be a DeepSpeed config.") from None
+        raise ConfigError(f"{where} nests objects and lists hundreds of levels deep; a DeepSpeed config nests a "
+                          "few levels — remove the extra nesting.") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{where} holds a JSON {type(value).__name__}, but a DeepSpeed config is a JSON object.")
     return value
@@ -120,7 +155,7 @@ def accelerate_to_deepspeed(doc: Any, path: Path) -> tuple[dict, dict]:
         )
     if str(doc["distributed_type"]).upper() != "DEEPSPEED":
         raise ConfigError(
-            f"{str(path)!r}: distributed_type={doc['distributed_type']!r}; zerojax reads Accelerate configs "
+            f"{str(path)!r}: distributed_type={shown(doc['distributed_type'])}; zerojax reads Accelerate configs "
             "with `distributed_type: DEEPSPEED`."
         )
     ds = doc.get("deepspeed_config") or {}
@@ -128,18 +163,24 @@ def accelerate_to_deepspeed(doc: Any, path: Path) -> tuple[dict, dict]:
         raise ConfigError(f"{str(path)!r}: deepspeed_config must be a mapping, got {type(ds).__name__}.")
     hints = {"zero3_save_16bit_model": ds.get("zero3_save_16bit_model")}
     if ds.get("deepspeed_config_file"):
-        others = sorted(k for k in ds if k in _ACCELERATE_KEYS and k != "deepspeed_config_file")
+        others = [k for k in sorted(ds) if k in _ACCELERATE_KEYS and k != "deepspeed_config_file"]
         if others:
             raise ConfigError(
                 f"{str(path)!r}: deepspeed_config_file is set together with {others}; Accelerate refuses "
                 "this too — put those settings in the JSON file."
             )
-        config, _ = read_file((path.parent / str(ds["deepspeed_config_file"])).resolve())
-        return config, hints
+        name = str(ds["deepspeed_config_file"])
+        if name.lower().endswith(YAML_SUFFIXES):
+            raise ConfigError(
+                f"{str(path)!r}: deepspeed_config_file={shown(name)} is YAML; it must name the DeepSpeed JSON "
+                "config (Accelerate hands it to DeepSpeed, which reads JSON) — point it at your ds_config.json."
+            )
+        return read_json_file((path.parent / name).resolve()), hints
     unknown = sorted(set(ds) - set(_ACCELERATE_KEYS))
     if unknown:
         raise ConfigError(
-            f"{str(path)!r}: unknown deepspeed_config keys {unknown}; Accelerate knows {sorted(_ACCELERATE_KEYS)}."
+            f"{str(path)!r}: unknown deepspeed_config keys {listed(unknown)}; Accelerate knows "
+            f"{sorted(_ACCELERATE_KEYS)} — fix or remove them."
         )
     zero: dict[str, Any] = {"stage": ds.get("zero_stage", 2)}
     for which in ("optimizer", "param"):
@@ -161,7 +202,7 @@ def accelerate_to_deepspeed(doc: Any, path: Path) -> tuple[dict, dict]:
     precision = str(doc.get("mixed_precision", "no")).lower()
     if precision not in ("no", "fp16", "bf16"):
         raise ConfigError(
-            f"{str(path)!r}: mixed_precision={doc.get('mixed_precision')!r} is not supported with DeepSpeed "
+            f"{str(path)!r}: mixed_precision={shown(doc.get('mixed_precision'))} is not supported with DeepSpeed "
             "here; use 'no', 'fp16' or 'bf16'."
         )
     config["fp16"] = {"enabled": precision == "fp16"}
@@ -192,11 +233,60 @@ def _no_duplicates(pairs):
     return out
 
 
+class _Refused(Exception):
+    """YAML that `_BoundedLoader` will not build; the message says where."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (a few hundred bytes of nested aliases expand to billions of
+    values) and without nesting deeper than `MAX_DEPTH` (the composer recurses per level)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"line {line} uses the alias *{key_text(str(event.anchor))}; zerojax reads YAML "
+                           "without aliases (they can expand to billions of values) — write the value out")
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(f"line {line} nests more than {MAX_DEPTH} levels deep; an Accelerate config nests a "
+                           "few levels — remove the extra nesting")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python converts from a string
+            return int_of(node.value)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+
+
 def _parse_yaml(text: str, path: Path) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)
+    except _Refused as e:
+        raise ConfigError(f"{str(path)!r}: {e}.") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{str(path)!r} is not valid YAML: {e}.") from None
+        raise ConfigError(f"{str(path)!r} is not valid YAML: {shown(str(e))}; fix the YAML syntax.") from None
+
+
+def int_of(text: str) -> int:
+    """The integer `text` spells; past Python's limit on digits converted from a string, 10**(digits - 1)
+    with its sign: as many digits, so `check_tree` refuses it and messages count them."""
+    try:
+        return int(text)
+    except ValueError:
+        digits = sum(c.isdigit() for c in text)
+        return (-1 if text.lstrip().startswith("-") else 1) * 10 ** (digits - 1)
 
 
 def _decode_base64(text: str) -> str | None:
@@ -208,16 +298,53 @@ def _decode_base64(text: str) -> str | None:
     return decoded if decoded.lstrip().startswith("{") else None
 
 
-def _check_keys(tree: Any, where: str) -> dict:
-    """Every mapping key in `tree` must be a string, as in JSON."""
-    stack = [tree]
+def check_tree(tree: Any, where: str) -> Any:
+    """`tree` if it is JSON as a DeepSpeed config is: string keys, JSON types, integers within 64 bits,
+    at most `MAX_DEPTH` levels and `MAX_VALUES` values (a shared value counted each time it appears);
+    else a ConfigError naming the first offending key. Work is bounded by `MAX_VALUES`."""
+    stack = [(tree, 0, None)]  # value, depth, its path as (parent path, key)
+    count = 1
     while stack:
-        node = stack.pop()
+        node, depth, trail = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: {_path(trail)} nests more than {MAX_DEPTH} levels deep (or contains "
+                              "itself); a DeepSpeed config nests a few levels — remove the extra nesting.")
         if isinstance(node, dict):
-            bad = [k for k in node if not isinstance(k, str)]
-            if bad:
-                raise ConfigError(f"{where}: key {bad[0]!r} is not a string; DeepSpeed config keys are strings.")
-            stack.extend(node.values())
+            count += len(node)
+            items = node.items()
         elif isinstance(node, (list, tuple)):
-            stack.extend(node)
+            count += len(node)
+            items = enumerate(node)
+        else:
+            _check_leaf(node, trail, where)
+            continue
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where} holds more than {MAX_VALUES:,} values; a DeepSpeed config holds a few "
+                              "hundred — remove the extra entries.")
+        for key, value in items:
+            if isinstance(node, dict) and not isinstance(key, str):
+                at = f" in {_path(trail)}" if trail else ""
+                raise ConfigError(f"{where}: the key {shown(key)}{at} is not a string ({type(key).__name__}); "
+                                  "DeepSpeed config keys are strings — quote it.")
+            stack.append((value, depth + 1, (trail, key)))
     return tree
+
+
+def _check_leaf(value: Any, trail, where: str) -> None:
+    """A leaf of a config tree must be a JSON value, and an integer must fit in 64 bits."""
+    if not isinstance(value, _JSON_TYPES):
+        raise ConfigError(f"{where}: {_path(trail)}={shown(value)} is not a JSON value ({type(value).__name__}); "
+                          "config values are objects, lists, strings, numbers, true/false or null — write it as one.")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{where}: {_path(trail)}={shown(value)} is out of range: integers in a DeepSpeed config "
+                          "fit in 64 bits (below 2**63) — write a smaller value.")
+
+
+def _path(trail) -> str:
+    """The dotted path (list items as [i]) of a `check_tree` trail, shortened to about 100 characters."""
+    parts = []
+    while trail is not None:
+        trail, key = trail
+        parts.append(f"[{key}]" if isinstance(key, int) else "." + key_text(key))
+    path = "".join(reversed(parts)).lstrip(".") or "the top level"
+    return path if len(path) <= 100 else path[:97] + "..."

@@ -97,9 +97,9 @@ def optimizer(cfg: ZeroConfig, total_steps: int | None, weight_decay_mask: Any) 
                 "the config has no optimizer block; add one (e.g. {\"type\": \"AdamW\", \"params\": {...}}) or "
                 "pass training_args so zerojax builds Hugging Face's default AdamW."
             )
-        spec = optim.OptimizerSpec("adamw", {**optim.OPTIMIZER_PARAMS["adamw"], "lr": args.learning_rate,
-                                             "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
-                                             "weight_decay": args.weight_decay})
+        spec = optim.OptimizerSpec("adamw", {**optim.OPTIMIZER_PARAMS["adamw"], "lr": float(args.learning_rate),
+                                             "betas": (float(args.adam_beta1), float(args.adam_beta2)),
+                                             "eps": float(args.adam_epsilon), "weight_decay": float(args.weight_decay)})
     lr = spec.params["lr"]
     sched = cfg.scheduler_spec
     beta1 = beta2 = None

@@ -197,9 +197,11 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
                        if zero_raw.get(which) is not None else None)
     fp16 = keys.validate_block("fp16", _block(top, "fp16", problems), problems, ignored)
     bf16_raw = _block(top, "bf16", problems)
+    bf16_name = keys.spelled(raw, keys.TOP, "bf16")  # or its old name bfloat16
     fp16_names = set(keys.by_name(keys.FP16)) - set(keys.by_name(keys.BF16))
-    misplaced = [f"bf16.{k}" for k in bf16_raw if k in fp16_names]
-    bf16 = keys.validate_block("bf16", {k: v for k, v in bf16_raw.items() if k not in fp16_names}, problems, ignored)
+    misplaced = [f"{bf16_name}.{k}" for k in bf16_raw if k in fp16_names]
+    bf16 = keys.validate_block("bf16", {k: v for k, v in bf16_raw.items() if k not in fp16_names}, problems, ignored,
+                               where=bf16_name)
     data_types = keys.validate_block("data_types", _block(top, "data_types", problems), problems, ignored)
     optimizer = check_optimizer(top["optimizer"], problems)
     scheduler = check_scheduler(top["scheduler"], problems)
