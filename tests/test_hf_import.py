@@ -64,6 +64,9 @@ def test_each_device_reads_only_its_slice(saved, monkeypatch):
         def get_shape(self):
             return self.inner.get_shape()
 
+        def get_dtype(self):
+            return self.inner.get_dtype()
+
     real_open = load.safe_open
 
     class Opener:

@@ -4,10 +4,14 @@ The `safetensors` package writes a file from a dict of complete in-memory tensor
 bounded by one tensor, `ShardWriter` writes the (documented, stable) safetensors layout itself: an
 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte range,
 then the tensors' bytes in that order. Files it writes are read back with `safetensors.safe_open`.
+
+Reading a folder from outside, every error (missing, unreadable, truncated or malformed file, JSON of
+the wrong shape) is an `HFFormatError` whose one-line message names the file and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -17,16 +21,68 @@ from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
 
+# The fix for a damaged or malformed file of a Hugging Face folder.
+RESAVE = "re-download the checkpoint or save it again with save_pretrained(..., safe_serialization=True)"
+# Config fields that are sizes (Llama/Mistral/Qwen2 and GPT-2 names); each must be a positive integer.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "n_positions", "n_embd", "n_layer",
+               "n_head", "n_inner")
+
 CHUNK_BYTES = 64 * 2**20  # the most `ShardWriter.write` copies at once
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face folder or file that import cannot use; the message names the file, the fault and the fix."""
+
+
+class HFFileMissingError(HFFormatError, FileNotFoundError):
+    """A file the Hugging Face folder needs is absent."""
+
+
+@contextlib.contextmanager
+def reading(path: Path, fix: str = RESAVE):
+    """Turns an error while reading `path` (absent, unreadable, not UTF-8, not JSON, not safetensors) into
+    an `HFFormatError` (`HFFileMissingError` when absent) naming `path` and `fix`."""
+    try:
+        yield
+    except HFFormatError:
+        raise
+    except FileNotFoundError:
+        raise HFFileMissingError(f"{path}: no such file; {fix}.") from None
+    except (OSError, SafetensorError, ValueError, RecursionError) as e:
+        reason = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())[:300]
+        raise HFFormatError(f"{path}: cannot be read ({reason}); {fix}.") from None
+
+
+def read_json(path: Path, fix: str = RESAVE) -> dict:
+    """The JSON object `path` holds; an `HFFormatError` naming it and `fix` for anything else."""
+    with reading(path, fix):
+        data = json.loads(path.read_bytes())
+    if not isinstance(data, dict):
+        raise HFFormatError(f"{path}: holds a JSON {type(data).__name__}, not an object; {fix}.")
+    return data
+
+
+def check_sizes(config: dict, source: str | Path) -> None:
+    """Raises an `HFFormatError` naming `source` (where the config came from) unless every size field
+    it sets (`SIZE_FIELDS`) is a positive integer and `model_type`, when set, is a string."""
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HFFormatError(f"{source}: {key}={value!r} must be a positive integer; correct it in config.json.")
+    if not isinstance(config.get("model_type", ""), str):
+        raise HFFormatError(f"{source}: model_type={config['model_type']!r} must be a string such as 'llama'; "
+                            "correct it in config.json.")
 
 
 def size_bytes(size: int | str) -> int:
@@ -50,23 +106,32 @@ def shard_names(count: int) -> list[str]:
 
 
 def weight_map(hf_dir: Path) -> dict[str, str]:
-    """`{tensor name: file name}` of a Hugging Face folder (sharded with an index, or one file)."""
+    """`{tensor name: file name}` of a Hugging Face folder (sharded with an index, or one file); the file
+    names are plain names of files in `hf_dir`."""
     index = hf_dir / INDEX
     if index.exists():
-        data = json.loads(index.read_text())
-        if "weight_map" not in data:
-            raise ValueError(f"{index}: no 'weight_map'; it is not a safetensors index file.")
-        return dict(data["weight_map"])
+        wmap = read_json(index).get("weight_map")
+        if not isinstance(wmap, dict):
+            raise HFFormatError(f"{index}: 'weight_map' is {type(wmap).__name__}, not an object mapping tensor "
+                                f"names to file names; {RESAVE}.")
+        for name, fname in wmap.items():
+            if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
+                raise HFFormatError(f"{index}: weight_map[{name!r}]={fname!r} is not the name of a file in the "
+                                    f"folder; {RESAVE}.")
+        return wmap
     single = hf_dir / SINGLE
     if not single.exists():
-        raise FileNotFoundError(
+        raise HFFileMissingError(
             f"{hf_dir}: neither {INDEX} nor {SINGLE} exists; point hf_dir at a Hugging Face model folder "
             "saved with safetensors (save_pretrained(..., safe_serialization=True))."
         )
-    from safetensors import safe_open
-
-    with safe_open(single, framework="numpy") as f:
+    with reading(single), safe_open(single, framework="numpy") as f:
         return {name: SINGLE for name in f.keys()}
+
+
+def is_float(safetensors_dtype: str) -> bool:
+    """Whether a safetensors dtype name (`F32`, `BF16`, `F8_E4M3`, `I32`, `BOOL`, ...) is a floating type."""
+    return safetensors_dtype.startswith(("F", "BF"))
 
 
 class ShardWriter:
