@@ -8,6 +8,7 @@ import os
 from zerojax.checkpoint.errors import CheckpointError, CheckpointWriteError
 from zerojax.checkpoint.manager import CheckpointManager
 from zerojax.hf import export_hf
+from zerojax.hf.export import refuse_overlap
 from zerojax.plan import TrainState
 
 
@@ -16,7 +17,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                       progress: bool = True):
     """Writes a checkpoint step as a Hugging Face folder (`config.json` + safetensors), one tensor in
     memory at a time, from the checkpoint folder alone (the model's `hf_config` is in its metadata);
-    needs no mesh and no accelerator. Returns the folder's path."""
+    needs no mesh and no accelerator. Returns the folder's path. An `out_dir` that is, is inside or contains
+    `ckpt_dir` is refused (`CheckpointError`) before anything is read or written."""
+    refuse_overlap("export", out_dir, [ckpt_dir], CheckpointError)
     manager = CheckpointManager(ckpt_dir, read_only=True)
     step = manager.resolve_step(step)
     hf_config = manager.metadata(step)["hf_config"]

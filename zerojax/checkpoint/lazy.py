@@ -26,6 +26,11 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
 
+    @property
+    def source(self) -> str:
+        """The checkpoint folder the tensor is read from (an export must not write there)."""
+        return self.manager.directory
+
     @functools.cached_property
     def _array(self):
         """The tensor in orbax's store, opened once (its metadata only) for every read that follows."""

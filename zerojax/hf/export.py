@@ -64,21 +64,25 @@ def export_hf(
     user's own model (see `zerojax.hf.mapping`). `dtype`: 'fp32', 'bf16' or 'fp16' for every tensor.
     A non-empty `out_dir` is refused unless `overwrite`; then it is replaced only once the new folder
     is complete. For a supported architecture the parameter tree must match the model `hf_config`
-    describes, leaf for leaf.
+    describes, leaf for leaf. An `out_dir` that is, is inside or contains a folder a lazy leaf reads from
+    (its `source`, e.g. a `LazyTensor`'s checkpoint folder) is refused before anything is written.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export_hf: dtype={dtype!r} is unsupported; use one of {sorted(EXPORT_DTYPES)}.")
     out_dir = Path(out_dir)
-    occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    leaves = leaves_by_path(params)
+    refuse_overlap("export_hf", out_dir, {x.source for x in leaves.values() if hasattr(x, "source")})
+    is_file = out_dir.exists() and not out_dir.is_dir()
+    occupied = is_file or (out_dir.exists() and any(out_dir.iterdir()))
     if jax.process_count() > 1:  # the writer's view of the folder decides for every process
         occupied = bool(multihost_utils.broadcast_one_to_all(np.int32(occupied)))
     if occupied and not overwrite:
+        what = "is a file, not a folder" if is_file else "exists and is not empty"
         raise FileExistsError(
-            f"export_hf: out_dir {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True."
+            f"export_hf: out_dir {str(out_dir)!r} {what}; choose a new folder or pass overwrite=True."
         )
     np_dtype = dtype_of(dtype)
     tensor_map = resolve_map(arch, hf_config)
-    leaves = leaves_by_path(params)
     shapes = _shapes(leaves, hf_config, arch)
     tensors = expand(tensor_map, shapes)
     sizes = [math.prod(t.shape(shapes[t.path])) * np_dtype.itemsize for t in tensors]
@@ -114,6 +118,23 @@ def export_hf(
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"zerojax.export_hf:{out_dir}")
     return out_dir
+
+
+def refuse_overlap(who: str, out_dir: str | os.PathLike, inputs, error: type[Exception] = ValueError) -> None:
+    """Raises `error` when `out_dir` is, is inside or contains one of the folders `inputs` (symlinks
+    resolved): an export there would replace or delete what it reads."""
+    out = os.path.realpath(out_dir)
+    for source in sorted(map(os.fspath, inputs)):
+        src = os.path.realpath(source)
+        common = os.path.commonpath([out, src])
+        if common not in (out, src):
+            continue
+        relation = "is" if out == src else "is inside" if common == src else "contains"
+        resolved = (out, src) != (os.path.abspath(out_dir), os.path.abspath(source))
+        real = f" (through symlinks: {out} {relation} {src})" if resolved else ""
+        raise error(f"{who}: the output folder {os.fspath(out_dir)!r} {relation} the folder {source!r} that the export "
+                    f"reads{real}; writing there could delete or replace it, so nothing was written; choose an "
+                    f"output folder outside {source!r} that does not contain it.")
 
 
 def _shapes(leaves: dict[str, Any], hf_config: dict, arch) -> dict[str, tuple]:
