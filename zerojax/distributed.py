@@ -10,6 +10,10 @@ variables, which `initialize()` reads:
 | `ZEROJAX_PROCESS_ID` | this process's rank, `0 .. NUM_PROCESSES - 1` |
 | `ZEROJAX_DEVICES_PER_PROC` | devices each process drives: accelerators `rank*K .. rank*K+K-1`, or `K` simulated CPU devices when there is no accelerator |
 
+Before joining, `initialize()` checks the coordinator within seconds (`check_coordinator`): its host
+resolves; process 0 can bind its port and HOST:PORT leads back to it; the other processes get an
+answer from HOST:PORT. jax itself would wait minutes and then abort.
+
 Without them, a cluster that jax detects itself (SLURM, Open MPI, Kubernetes, Cloud TPU) is joined
 with `jax.distributed.initialize()`'s own detection; anything else is a single process and nothing
 is done.
@@ -17,8 +21,12 @@ is done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
+import threading
+import time
 from typing import Any, Mapping
 
 import jax
@@ -31,6 +39,7 @@ COORDINATOR = "ZEROJAX_COORDINATOR"
 NUM_PROCESSES = "ZEROJAX_NUM_PROCESSES"
 PROCESS_ID = "ZEROJAX_PROCESS_ID"
 DEVICES_PER_PROC = "ZEROJAX_DEVICES_PER_PROC"
+CHECK_SECONDS = 30.0  # the most `initialize` spends checking the coordinator (less with a shorter timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,7 @@ def initialize(environ: Mapping[str, str] | None = None, *, timeout_s: int = 300
     this rank's accelerators. Otherwise joins a cluster jax detects (more than one process), or does
     nothing. Calling it again in an initialized process returns the same answer. `environ` holds the
     launcher's variables (default `os.environ`); jax's cluster detection always reads `os.environ`.
+    A launcher's coordinator is checked first (`check_coordinator`, within min(timeout_s, CHECK_SECONDS)).
     """
     env = os.environ if environ is None else environ
     if NUM_PROCESSES in env:
@@ -77,15 +87,10 @@ def _from_launcher(env: Mapping[str, str], timeout_s: int) -> Processes:
         )
     if jax.distributed.is_initialized():
         return Processes(jax.process_index(), jax.process_count(), "zerojax launch")
+    coordinator = _checked_coordinator(env, rank, timeout_s) if count > 1 else None
     if jax.config.jax_num_cpu_devices != per_proc:
         jax.config.update("jax_num_cpu_devices", per_proc)
-    if count > 1:
-        coordinator = env.get(COORDINATOR, "")
-        if not coordinator.rpartition(":")[0]:
-            raise ValueError(
-                f"zerojax.distributed.initialize: {COORDINATOR}={coordinator!r} must be HOST:PORT of "
-                "process 0; start the processes with `zerojax launch`, which sets it."
-            )
+    if coordinator is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator,
@@ -95,6 +100,123 @@ def _from_launcher(env: Mapping[str, str], timeout_s: int) -> Processes:
             initialization_timeout=timeout_s,
         )
     return Processes(rank, count, "zerojax launch")
+
+
+def _checked_coordinator(env: Mapping[str, str], rank: int, timeout_s: int) -> str:
+    """The launcher's `HOST:PORT`, once `check_coordinator` passed for process `rank`."""
+    coordinator = env.get(COORDINATOR, "")
+    name = f"zerojax.distributed.initialize: {COORDINATOR}"
+    if split_address(coordinator) is None:
+        raise ValueError(
+            f"{name}={coordinator!r} must be HOST:PORT of process 0 with a port in 1..65535; start the "
+            "processes with `zerojax launch`, which sets it."
+        )
+    check_coordinator(coordinator, serves=rank == 0, seconds=min(timeout_s, CHECK_SECONDS), name=name)
+    return coordinator
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """`(host, port)` of `HOST:PORT` (an IPv6 host in brackets, `[::1]:29500`), or None if it is not one."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def check_coordinator(address: str, *, serves: bool, seconds: float, name: str) -> None:
+    """Raises a one-line ValueError (`{name}={address!r}: why; fix`) unless, within about `seconds`, HOST
+    resolves and: when this process `serves` the coordination service (process 0), PORT can be bound here
+    and HOST:PORT leads back to it; otherwise HOST:PORT answers (accepts or refuses a connection).
+
+    `address` is a valid `HOST:PORT` (`split_address`). jax binds the service on every interface, as the
+    check does, with SO_REUSEADDR: a port that only a closed connection still holds counts as free.
+    """
+    host, port = split_address(address)
+    end = time.monotonic() + seconds
+    try:
+        family, sockaddr = _resolve(host, port, seconds)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(
+            f"{name}={address!r}: host {host!r} does not resolve ({_reason(e)}); use a name or IP address of "
+            "process 0's machine (127.0.0.1 when every process runs here)."
+        ) from None
+    if serves:
+        _check_serving(address, name, family, sockaddr, end)
+    else:
+        _check_reachable(address, name, family, sockaddr, end)
+
+
+def _reason(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def _resolve(host: str, port: int, seconds: float) -> tuple[int, tuple]:
+    """`(family, sockaddr)` of the first TCP address of `host:port`; OSError if it has none within `seconds`
+    (the lookup runs in a daemon thread, so a stuck resolver is left behind, not waited for)."""
+    found: list = []
+
+    def lookup():
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0])
+        except (OSError, UnicodeError) as e:
+            found.append(e)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not found:
+        raise OSError(f"no answer within {seconds:g} s")
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    return found[0][0], found[0][4]
+
+
+def _check_serving(address: str, name: str, family: int, sockaddr: tuple, end: float) -> None:
+    """Binds PORT on every interface, then connects to `sockaddr` and accepts that connection, by `end`."""
+    port = sockaddr[1]
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+            server.listen()
+        except OSError as e:
+            raise ValueError(
+                f"{name}={address!r}: cannot serve on port {port} here ({_reason(e)}); process 0 serves the "
+                "coordinator on this machine: stop what holds the port or choose another one."
+            ) from None
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as client:
+                client.settimeout(max(0.1, end - time.monotonic()))
+                client.connect(sockaddr)
+                server.settimeout(max(0.1, end - time.monotonic()))
+                server.accept()[0].close()
+        except OSError as e:
+            raise ValueError(
+                f"{name}={address!r}: the address does not reach this machine ({_reason(e)}), where process 0 "
+                "serves the coordinator; use an address of this machine (127.0.0.1 when every process runs here)."
+            ) from None
+
+
+def _check_reachable(address: str, name: str, family: int, sockaddr: tuple, end: float) -> None:
+    """Connects to `sockaddr` until it accepts or refuses (process 0 is not listening yet), retrying until `end`."""
+    while True:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as client:
+                client.settimeout(max(0.1, end - time.monotonic()))
+                client.connect(sockaddr)
+            return
+        except ConnectionRefusedError:
+            return
+        except OSError as e:
+            error = e
+        if time.monotonic() >= end:
+            raise ValueError(
+                f"{name}={address!r}: unreachable from this machine ({_reason(error)}); use the address of "
+                "process 0's machine, and check that no firewall blocks the port."
+            )
+        time.sleep(0.2)
 
 
 def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int:

@@ -77,6 +77,9 @@ def load_model_config(model: str) -> dict:
             raise ValueError(f"model={model!r}: not valid JSON ({e}); pass a Hugging Face config.json.") from None
     if not isinstance(config, dict):
         raise ValueError(f"model={model!r}: the JSON is a {type(config).__name__}, not a config object.")
+    from zerojax.hf.files import check_sizes
+
+    check_sizes(config, model)
     return config
 
 
@@ -358,10 +361,12 @@ def estimate(
     on any machine, its memory the default `device_memory`; without one the estimate needs `devices` jax
     devices in this process (simulated CPU devices will do). `offload_mode` is `Offload.mode`.
     """
+    from zerojax.hf.files import check_sizes
     from zerojax.models import abstract_model
     from zerojax.report import memory_report, zero_formula_bytes
 
     _check(devices, seq, micro_batch, stage, offload_optimizer, offload_param)
+    check_sizes(hf_config, "hf_config")
     graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True, remat="full")
     if grad_accum_dtype not in ("fp32", "bf16"):
         raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} is not supported; use 'fp32' or 'bf16'.")

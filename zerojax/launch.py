@@ -1,15 +1,19 @@
 """`zerojax launch`: N local processes of one command, as `torchrun --nproc_per_node` / `deepspeed --num_gpus`.
 
 Each process gets the environment `zerojax.distributed.initialize()` reads (coordinator, process
-count, rank, devices per process), an empty stdin, and its own process group. Every line it prints
-comes out prefixed with its rank (`[rank 2] ...`, stdout to stdout, stderr to stderr). The launcher
-forwards SIGINT and SIGTERM to all processes; when one process fails (non-zero exit or killed) or the
-time limit passes, it sends SIGTERM to the others and SIGKILL to those still running after the grace
-period. When a process exits, whatever it left running in its process group is killed.
+count, rank, devices per process), an empty stdin, and its own process group; on Linux it is killed
+when the launcher dies, even by SIGKILL (`die_with_parent`). A given `--coordinator` is checked before
+any process starts (`zerojax.distributed.check_coordinator`; every process runs here, so process 0
+must be able to serve on it). Every line a process prints comes out prefixed with its rank
+(`[rank 2] ...`, stdout to stdout, stderr to stderr). The launcher forwards SIGINT and SIGTERM to all
+processes; when one process fails (non-zero exit or killed) or the time limit passes, it sends SIGTERM
+to the others and SIGKILL to those still running after the grace period. When a process exits,
+whatever it left running in its process group is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import queue
@@ -19,11 +23,14 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Mapping
+from collections.abc import Callable, Mapping
+from typing import IO
 
 from zerojax import distributed
 
 FORCE_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+CHECK_SECONDS = 10.0  # the most the launcher spends checking --coordinator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +60,11 @@ class LaunchSpec:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"launch: --{name}={value!r} must be a positive number of seconds.")
-        if self.coordinator is not None:
-            host, _, port = self.coordinator.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(
-                    f"launch: --coordinator={self.coordinator!r} must be HOST:PORT with a port in 1..65535, "
-                    "e.g. 127.0.0.1:29500 (omit it to use a free local port)."
-                )
+        if self.coordinator is not None and distributed.split_address(self.coordinator) is None:
+            raise ValueError(
+                f"launch: --coordinator={self.coordinator!r} must be HOST:PORT with a port in 1..65535, "
+                "e.g. 127.0.0.1:29500 (omit it to use a free local port)."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,23 @@ def free_coordinator() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` for `subprocess.Popen` after which the child gets SIGKILL when the thread that starts
+    it ends, as when this process dies by any signal (Linux `PR_SET_PDEATHSIG`, kept across exec); None
+    on other systems. Start children from a thread that outlives them."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+    parent, kill = os.getpid(), int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, kill)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), kill)
+
+    return preexec
+
+
 def child_env(base: Mapping[str, str], spec: LaunchSpec, coordinator: str, rank: int) -> dict[str, str]:
     """`base` with the rank's `zerojax.distributed` variables, unbuffered Python output, and without a
     forced host device count in `XLA_FLAGS` (the device count is `devices_per_proc`)."""
@@ -143,8 +165,13 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
 
 
 def launch(spec: LaunchSpec, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> LaunchResult:
-    """Runs `spec`, forwarding SIGINT/SIGTERM while it runs (from the main thread), and returns how it ended."""
+    """Runs `spec`, forwarding SIGINT/SIGTERM while it runs (from the main thread), and returns how it ended.
+
+    Raises ValueError before starting anything when `spec.coordinator` cannot serve more than one process.
+    """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    if spec.coordinator is not None and spec.nproc > 1:
+        distributed.check_coordinator(spec.coordinator, serves=True, seconds=CHECK_SECONDS, name="launch: --coordinator")
     coordinator = spec.coordinator or free_coordinator()
     received: list[int] = []
     handlers = {}
@@ -154,13 +181,16 @@ def launch(spec: LaunchSpec, stdout: IO[str] | None = None, stderr: IO[str] | No
     exits: queue.Queue[tuple[int, int]] = queue.Queue()
     procs: list[subprocess.Popen] = []
     threads: list[threading.Thread] = []
+    preexec = die_with_parent()
     try:
+        # Every process is forked before this function starts a thread (its preexec_fn only calls prctl).
         for rank in range(spec.nproc):
-            proc = subprocess.Popen(
+            procs.append(subprocess.Popen(
                 spec.command, env=child_env(os.environ, spec, coordinator, rank),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            procs.append(proc)
+                preexec_fn=preexec,  # noqa: PLW1509
+            ))
+        for rank, proc in enumerate(procs):
             threads += [
                 threading.Thread(target=_pump, args=(rank, proc.stdout, stdout, lock), daemon=True),
                 threading.Thread(target=_pump, args=(rank, proc.stderr, stderr, lock), daemon=True),

@@ -6,6 +6,7 @@ itself with XLA_FLAGS=--xla_force_host_platform_device_count=N) and XLA's memory
 program's collectives are reported. `--target h100|a100|tpu-v5p|tpu-v5e|tpu-v6e` (or a GpuTargetConfig
 file) compiles for N of those accelerators instead, with their own compiler, on any machine (`pip
 install 'zerojax[aot]'`). `--stage auto` prints the cheapest option that fits --device-memory.
+Without --target, --devices is at most MAX_SIMULATED_DEVICES (4096); the re-run dies with this command.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 
 _CHILD = "ZEROJAX_ESTIMATE_CHILD"
+# Simulated CPU devices beyond this take minutes to create and lay out (8192: 45 s, 16384: over 5 minutes).
+MAX_SIMULATED_DEVICES = 4096
 
 
 def add_parser(subparsers) -> None:
@@ -58,10 +61,13 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def _rerun(args: argparse.Namespace) -> int:
+    from zerojax.launch import die_with_parent
+
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
-    return subprocess.run([sys.executable, "-m", "zerojax.cli", *_argv(args)], env=env).returncode
+    return subprocess.run([sys.executable, "-m", "zerojax.cli", *_argv(args)], env=env, check=False,
+                          preexec_fn=die_with_parent()).returncode
 
 
 def _options(stage: str, offload_optimizer: bool, offload_param: bool) -> list[tuple[int, bool, bool]]:
@@ -90,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
         for name in ("devices", "seq", "micro_batch"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer.")
+        if not args.target and args.devices > MAX_SIMULATED_DEVICES:
+            raise ValueError(
+                f"--devices={args.devices}: without --target the estimate builds that many simulated CPU devices, "
+                f"at most {MAX_SIMULATED_DEVICES}; pass fewer, or --target h100, a100 or tpu-v5p to compile for "
+                "that many accelerators."
+            )
         import jax
 
         target = None

@@ -2,8 +2,10 @@
 
 Starts N local processes of COMMAND for `zerojax.distributed.initialize()` (see `zerojax.launch`):
 each drives K devices (accelerators, or K simulated CPU devices with gloo collectives when there is
-no accelerator). Exit status: 0 when every process succeeds; otherwise the failed rank's status, 124
-after --timeout, 128 + signal after a forwarded SIGINT/SIGTERM, 2 for bad arguments.
+no accelerator). A --coordinator is checked first: it resolves, its port is free, it reaches this
+machine. The processes die with the launcher. Exit status: 0 when every process succeeds; otherwise
+the failed rank's status, 124 after --timeout, 128 + signal after a forwarded SIGINT/SIGTERM, 2 for bad
+arguments (a bad --coordinator included).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = launch(spec)
+    except ValueError as e:
+        print(f"zerojax {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"zerojax launch: cannot run {spec.command[0]!r}: {e.strerror or e}; check the command after `--`.",
               file=sys.stderr)
