@@ -487,9 +487,68 @@ def _trainer_cases() -> list[Case]:
     ]
 
 
+# issue 17: launch, estimate, HF import
+def _issue17_launch_estimate_hf_cases() -> list[Case]:
+    import socket
+    import struct
+
+    import optax
+    from flax import nnx
+
+    import zerojax as zj
+    import zerojax.distributed as zd
+    from zerojax.hf import export_hf, load_pretrained
+    from zerojax.models import abstract_model, from_hf_config
+
+    def busy_port(d):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            return cli("launch", "--nproc", "2", "--coordinator", f"127.0.0.1:{s.getsockname()[1]}", "--", "true")
+
+    def unreachable(d):
+        zd.initialize({zd.COORDINATOR: "[100::1]:29500", zd.NUM_PROCESSES: "2", zd.PROCESS_ID: "1"}, timeout_s=2)
+
+    def negative_hidden(d):
+        return cli("estimate", "--model", _write(f"{d}/config.json", json.dumps(dict(TINY, hidden_size=-32))),
+                   "--devices", "8")
+
+    def plan():
+        return zj.make_plan(abstract_model(TINY)[1], optax.sgd(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3))
+
+    def index_entry(d):
+        _write(f"{d}/hf/config.json", json.dumps(TINY))
+        _write(f"{d}/hf/model.safetensors.index.json", json.dumps({"weight_map": {"model.norm.weight": 5}}))
+        load_pretrained(f"{d}/hf", plan())
+
+    def integer_header(d):
+        with nnx.use_eager_sharding(False):
+            export_hf(nnx.split(from_hf_config(TINY, seed=0), nnx.Param)[1], TINY, f"{d}/hf", progress=False)
+        path = f"{d}/hf/model.safetensors"
+        raw = open(path, "rb").read()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = raw[8 : 8 + n].replace(b'"model.norm.weight":{"dtype":"F32"', b'"model.norm.weight":{"dtype":"I32"')
+        open(path, "wb").write(raw[:8] + header + raw[8 + n :])
+        load_pretrained(f"{d}/hf", plan())
+
+    return [
+        Case("zerojax launch", "--coordinator host that does not resolve",
+             lambda d: cli("launch", "--nproc", "2", "--coordinator", "no-such-host.invalid:29500", "--", "true")),
+        Case("zerojax launch", "--coordinator port in use", busy_port),
+        Case("zerojax.distributed.initialize", "coordinator unreachable from process 1", unreachable),
+        Case("zerojax estimate", "--devices 100000 (simulated CPU devices)",
+             lambda d: cli("estimate", "--model", "gpt2", "--devices", "100000")),
+        Case("zerojax estimate", "negative hidden_size in config.json", negative_hidden),
+        Case("load_pretrained", "config.json holds a JSON list",
+             lambda d: load_pretrained(os.path.dirname(_write(f"{d}/hf/config.json", "[]")), None)),
+        Case("load_pretrained", "index weight_map entry not a file name", index_entry),
+        Case("load_pretrained", "float tensor declared I32 in its safetensors header", integer_header),
+    ]
+
+
 def cases() -> list[Case]:
     return (_config_cases() + _checkpoint_cases() + _export_cases() + _launch_cases() + _hf_cases()
-            + _core_cases() + _trainer_cases())
+            + _core_cases() + _trainer_cases() + _issue17_launch_estimate_hf_cases())
 
 
 def outcome(case: Case) -> Outcome:
