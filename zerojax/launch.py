@@ -30,7 +30,7 @@ from zerojax import distributed
 
 FORCE_DEVICE_COUNT = "--xla_force_host_platform_device_count"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-CHECK_SECONDS = 10.0  # the most the launcher spends checking --coordinator
+CHECK_SECONDS = 5.0  # the most the launcher spends checking --coordinator (every process runs here)
 
 
 @dataclasses.dataclass(frozen=True)
