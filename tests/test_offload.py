@@ -121,7 +121,8 @@ def test_offloaded_state_saves_restores_into_its_memory_kinds_without_recompilin
 def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch, tmp_path):
     """At stage 3 with parameter offload, a scanned model's stacked parameters stay in host memory
     until the scan copies one layer's shard to the device: same losses as without offload, and the
-    offloaded state exports the same Hugging Face files."""
+    offloaded state exports the same Hugging Face files. (The optimizer state stays on the device here:
+    its offloaded update, layer by layer, is tested below.)"""
     from flax import nnx
 
     from zerojax import gather, models
@@ -154,7 +155,7 @@ def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch,
 
     reference, reference_state = run(None)
     assert not fetched
-    losses, state = run(zj.Offload("pinned_host", params="pinned_host"))
+    losses, state = run(zj.Offload(params="pinned_host"))
     for name, s in (("device", reference_state), ("host", state)):
         save_model(s, config, tmp_path / name, dtype="fp32", progress=False)
     assert (tmp_path / "host" / "model.safetensors").read_bytes() == (tmp_path / "device" / "model.safetensors").read_bytes()
@@ -201,3 +202,94 @@ def test_offloaded_state_larger_than_the_machine_is_refused_before_it_is_allocat
         again = zj.init_state(params, plan)
     assert len(record) == 1
     assert {x.sharding.memory_kind for x in jax.tree.leaves(again.params)} == {"pinned_host"}
+
+
+LAYERED = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+@pytest.mark.parametrize("name,tx,elementwise", [
+    ("adamw", optax.adamw(1e-3), True), ("adam", optax.adam(1e-3), True), ("lion", optax.lion(1e-3), True),
+    ("sgd-momentum", optax.sgd(1e-2, momentum=0.9), True),
+    ("adamw-cosine", optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100)), True),
+    ("lamb", optax.lamb(1e-3), False), ("adafactor", optax.adafactor(1e-3), False),
+    ("clip-inside", optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), False),
+    ("apply-if-finite", optax.apply_if_finite(optax.adam(1e-3), 3), False),
+])
+def test_elementwise_optimizers_are_told_apart_from_ones_that_reduce(name, tx, elementwise):
+    from zerojax.layerwise import is_elementwise
+
+    params = {"w": jax.ShapeDtypeStruct((3, 8, 16), np.float32), "b": jax.ShapeDtypeStruct((16,), np.float32)}
+    assert is_elementwise(tx.update, params, jax.eval_shape(tx.init, params), params) is elementwise
+
+
+def _layered_run(offload, tx, monkeypatch, poison_step=None, stage=3):
+    """Five steps of a 3-layer scanned Llama; returns the final state and what `layerwise.fetch` copied."""
+    from flax import nnx
+
+    from zerojax import layerwise, models
+
+    graphdef, params = nnx.split(models.from_hf_config(LAYERED, seed=0), nnx.Param)
+    fetched = []
+
+    def spy(x):
+        fetched.append((x.shape, jax.typeof(x).memory_space))
+        return fetch(x)
+
+    fetch = layerwise.fetch
+    monkeypatch.setattr(layerwise, "fetch", spy)
+    loss = models.causal_lm_loss(graphdef)
+    plan = zj.make_plan(params, tx, zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(),
+                        scanned=("layers",), offload=offload)
+    state = zj.init_state(params, plan)
+    step = zj.make_train_step(lambda p, b: loss(p, b) * b["poison"][0], plan, max_grad_norm=1.0)
+    snapshots = []
+    for i in range(5):
+        ids = np.random.default_rng(i).integers(0, 256, (8, 16)).astype(np.int32)
+        before = jax.device_get(state)
+        poison = np.full((8,), np.nan if i == poison_step else 1.0, np.float32)
+        state, metrics = step(state, {"input_ids": ids, "poison": poison})
+        snapshots.append((bool(metrics["skipped"]), before, jax.device_get(state)))
+    return state, plan, fetched, snapshots
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_streamed_offload_updates_stacked_layers_one_at_a_time(monkeypatch, stage):
+    """With the optimizer state offloaded and an element-wise optimizer, the streamed update copies one
+    layer of each stacked master/moment matrix to the device at a time (never the whole stack), gives the
+    whole-tree update's result (to 2 ulp of each leaf's largest value: XLA fuses the two programs'
+    multiply-adds differently), keeps every leaf in
+    its memory kind, and a skipped step changes nothing."""
+    from zerojax import step as step_module
+
+    by_layer = step_module._stacked_offloaded
+    monkeypatch.setattr(step_module, "_stacked_offloaded", lambda plan: None)
+    whole, _, _, _ = _layered_run(zj.Offload("pinned_host"), optax.adamw(1e-2), monkeypatch, 2, stage)
+    monkeypatch.setattr(step_module, "_stacked_offloaded", by_layer)
+    state, _, fetched, snapshots = _layered_run(zj.Offload("pinned_host"), optax.adamw(1e-2), monkeypatch, 2, stage)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(whole)):
+        assert got.sharding.memory_kind == want.sharding.memory_kind
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2 * np.spacing(np.abs(want).max(initial=0)))
+    assert {x.sharding.memory_kind for x in jax.tree.leaves((state.master, state.opt_state))} == {"pinned_host"}
+    # traced once: every stacked matrix of master weights and both moments, one layer of it, from host
+    # memory (7 matrices a layer: 21), beside the same layer of its gradient (already on the device)
+    stacked = [x for x in jax.tree.leaves((state.master["layers"], state.opt_state)) if x.ndim >= 3]
+    from_host = [shape for shape, space in fetched if space == jax.memory.Space.Host]
+    assert len(from_host) == len(stacked) == 21 and len(fetched) == 28
+    assert sorted(from_host) == sorted(x.shape[1:] for x in stacked)  # one layer (of the global array)
+    assert [skipped for skipped, _, _ in snapshots] == [False, False, True, False, False]
+    _, before, after = snapshots[2]
+    for b, a in zip(jax.tree.leaves((before.params, before.master, before.opt_state)),
+                    jax.tree.leaves((after.params, after.master, after.opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_streamed_offload_keeps_the_whole_tree_update_for_an_optimizer_that_reduces(monkeypatch):
+    """LAMB's trust ratio reduces over each whole tensor: its offloaded update is not split by layer."""
+    reference, _, _, _ = _layered_run(None, optax.lamb(1e-2), monkeypatch)
+    state, _, fetched, _ = _layered_run(zj.Offload("pinned_host"), optax.lamb(1e-2), monkeypatch)
+    assert not fetched
+    for got, want in zip(jax.tree.leaves(state.master), jax.tree.leaves(reference.params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-7, atol=0)

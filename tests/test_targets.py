@@ -31,6 +31,8 @@ CASES = {
     "stage2-offload-optimizer-host": (2, {}, "none", zj.Precision.bf16(), 1, zj.Offload("pinned_host", mode="host")),
     "stage3-offload-all-host": (3, {}, "none", zj.Precision.bf16(), 1,
                                 zj.Offload("pinned_host", params="pinned_host", mode="host")),
+    "stage3-offload-all-streamed-by-layer": (3, {}, "none", zj.Precision.bf16(), 1,
+                                             zj.Offload("pinned_host", params="pinned_host")),
 }
 GPU_CASES = [k for k, v in CASES.items() if v[5] is None]
 TPU_CASES = [k for k, v in CASES.items() if v[3].compute_dtype != "float16"]

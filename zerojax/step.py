@@ -32,6 +32,7 @@ from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.gather import Sharded
+from zerojax.layerwise import is_elementwise, update_by_layer
 from zerojax.mesh import DATA_AXES, TENSOR
 from zerojax.offload import HOST_KINDS, on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
@@ -139,6 +140,12 @@ def make_train_step(
 
     shardings = plan.state_shardings
     host_update = plan.offload.mode == "host" and plan.offload.optimizer is not None
+    by_layer = None if host_update else _stacked_offloaded(plan)
+
+    def cast(master):
+        """The compute parameters from (new) master weights, in the parameter layout."""
+        return jax.tree.map(lambda m, s: lax.with_sharding_constraint(m.astype(plan.param_dtype), s), master,
+                            plan.param_shardings)
 
     def update(grads, opt_state, master, finite, grad_norm):
         """The clipped optimizer step on sharded state; a non-finite step leaves master and state bit-identical.
@@ -177,17 +184,24 @@ def make_train_step(
             )
             with compute_on("device_host"):
                 new_master, opt_state = update(*args)
+        elif by_layer is not None:  # stacked state streamed through the device one layer at a time
+            def apply(g, o, m):
+                new_master, new_opt_state = update(g, o, m, finite, grad_norm)
+                return new_master, new_opt_state, cast(new_master)
+
+            new_master, opt_state, params = update_by_layer(
+                apply, grads, _on_device_unless(state.opt_state, shardings.opt_state, by_layer[1]),
+                _on_device_unless(master, master_shardings, by_layer[0]), by_layer,
+                (_spaces(master_shardings), _spaces(shardings.opt_state), _spaces(shardings.params)))
         else:
             new_master, opt_state = update(
                 grads, on_device(state.opt_state, shardings.opt_state), on_device(master, master_shardings), finite,
                 grad_norm,
             )
-        params = jax.tree.map(
-            lambda m, s: lax.with_sharding_constraint(m.astype(plan.param_dtype), s),
-            on_device(new_master, jax.tree.map(lambda s: s.with_memory_kind(plan.offload.optimizer or "device"),
-                                               master_shardings)) if host_update else new_master,
-            plan.param_shardings,
-        )
+        if by_layer is None:
+            params = cast(on_device(new_master, jax.tree.map(
+                lambda s: s.with_memory_kind(plan.offload.optimizer or "device"), master_shardings))
+                if host_update else new_master)
         loss_scale = state.loss_scale
         if prec.loss_scale is not None:
             loss_scale = prec.loss_scale.update(loss_scale, finite)
@@ -255,8 +269,45 @@ def _fetched_per_layer(plan: ZeroPlan) -> Any:
     the device (a stacked stage-3 matrix under parameter offload). Stacked vectors (norm scales, biases:
     a few KiB a layer) are copied whole at the step's start instead: per-layer copies of them would be
     tiny transfers, and XLA:TPU cannot slice one row out of a tiled host array."""
-    return _tree(lambda l, s: bool(l.stacked and l.param_axes and len(l.shape) >= 3 and s.memory_kind in HOST_KINDS),
+    return _tree(lambda l, s: bool(_stacked_matrix(l) and l.param_axes and s.memory_kind in HOST_KINDS),
                  plan.param_layouts, plan.state_shardings.params)
+
+
+def _stacked_matrix(layout: LeafLayout) -> bool:
+    """A stacked leaf copied between host and device one layer at a time: a matrix per layer. (Stacked
+    vectors are copied whole: XLA:TPU cannot slice one row out of a tiled host array, and aborts.)"""
+    return layout.stacked and len(layout.shape) >= 3
+
+
+def _stacked_offloaded(plan: ZeroPlan) -> tuple[Any, Any] | None:
+    """(master, opt_state) trees of bools marking the stacked matrices, when the streamed update should
+    walk them one layer at a time: the optimizer state of every stacked matrix lives in host memory and
+    the optimizer is element-wise (`zerojax.layerwise`); else None (the whole-tree update)."""
+    if plan.offload.optimizer is None or not plan.keeps_master:
+        return None
+    shardings = plan.state_shardings
+    master = _tree(_stacked_matrix, plan.param_layouts)
+    opt = _tree(_stacked_matrix, plan.opt_layouts)
+    stacked = [s for m, s in zip(jax.tree.leaves((master, opt)), jax.tree.leaves((shardings.master, shardings.opt_state)))
+               if m]
+    if not stacked or any(s.memory_kind not in HOST_KINDS for s in stacked):
+        return None
+    plain = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # no memory kinds
+    abstract = plan.abstract_state()
+    if not is_elementwise(plan.tx.update, plain(abstract.master), plain(abstract.opt_state), plain(abstract.master)):
+        return None
+    return master, opt
+
+
+def _on_device_unless(tree, shardings, stacked):
+    """The leaves of `tree` in device memory, except the stacked ones (copied a layer at a time)."""
+    return jax.tree.map(lambda x, s, m: x if m else on_device(x, s), tree, shardings, stacked)
+
+
+def _spaces(shardings):
+    """The memory space (device or host) of each sharding, as `jax.device_put` takes it inside `jit`."""
+    return jax.tree.map(
+        lambda s: jax.memory.Space.Host if s.memory_kind in HOST_KINDS else jax.memory.Space.Device, shardings)
 
 
 def _step_params(params, shardings, per_layer):
