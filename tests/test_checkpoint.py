@@ -242,8 +242,8 @@ def test_load_best_model_at_end(tmp_path):
     assert options.metric_for_best_model == "loss" and options.greater_is_better is False
     _, _, states = _save_steps(tmp_path, options, [{"eval_loss": v} for v in (3, 1, 2)])
     last = jax.device_put(states[-1], make(jax.devices()[:1], stage=0).state_shardings)
-    manager = CheckpointManager(tmp_path, options)
-    best = manager.end_training(last)
+    with CheckpointManager(tmp_path, options) as manager:  # one writer at a time
+        best = manager.end_training(last)
     leaves_equal(best.params, states[1].params)  # step 2 has the lowest eval_loss
     assert int(best.step) == 3
     plain = CheckpointManager(tmp_path, CheckpointOptions()).end_training(last)

@@ -162,20 +162,22 @@ def test_set_aside_lets_the_resumed_run_save_those_steps_again(three_steps, tmp_
         assert restored.step == 2 and manager.all_steps() == [1, 2]
         assert manager.save(jax.device_put(states[3], plan.state_shardings)) is not False
         manager.wait()
-    assert sorted(os.listdir(copy)) == ["1", "2", "3", "3.corrupt"]
+    assert sorted(n for n in os.listdir(copy) if n != ".zerojax-writer.lock") == ["1", "2", "3", "3.corrupt"]
     assert _same(CheckpointManager(copy, read_only=True).restore(plan).state, states[3])
 
 
-def test_a_step_without_manifest_still_names_the_damaged_file(three_steps, tmp_path):
+def test_a_step_read_unchecked_still_names_the_damaged_file(three_steps, tmp_path):
+    """A step without its manifest is corrupt; restored unchecked (its files trusted), a damaged file is named."""
     folder, plan, _ = three_steps
     copy = _copy(folder, tmp_path)
     os.remove(copy / "3" / INTEGRITY)
     with open(copy / "3" / "state" / "_sharding", "r+b") as f:
         f.truncate(50)
-    manager = CheckpointManager(copy, read_only=True)
-    with pytest.warns(UserWarning, match="step 3 .* has no integrity.json"):
-        with pytest.raises(CorruptCheckpointError, match=r"step 3 .* reading file state/_sharding failed") as e:
-            manager.restore(plan)
+    with pytest.raises(CorruptCheckpointError, match=r"step 3 .* its file integrity.json is missing"):
+        CheckpointManager(copy, read_only=True).restore(plan)
+    manager = CheckpointManager(copy, CheckpointOptions(verify_integrity=False), read_only=True)
+    with pytest.raises(CorruptCheckpointError, match=r"step 3 .* reading file state/_sharding failed") as e:
+        manager.restore(plan)
     assert e.value.file == "state/_sharding"
 
 

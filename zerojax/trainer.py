@@ -13,6 +13,7 @@ contract of `zerojax.data` (numpy `(N, T)` token ids, or a dict of such arrays).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from zerojax.args import TrainingArguments
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
+from zerojax.checkpoint.errors import file_write_errors
 from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.data import Batches, num_examples
 from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
@@ -208,24 +210,34 @@ class Trainer:
     def _log(self, record: dict) -> None:
         self.history.append(record)
         if self.output_dir is not None and jax.process_index() == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with file_write_errors(self.output_dir / "metrics.jsonl"):
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.output_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
     def train(self, resume_from_checkpoint: bool | int | str | None = None) -> TrainOutput:
         """Runs to `total_steps`; `resume_from_checkpoint` True/"latest"/a step resumes from output_dir,
         `"latest_good"` from the newest step that passes its integrity check (corrupt ones set aside).
 
         SIGTERM or SIGINT saves a checkpoint at the next step boundary and returns with
-        `interrupted=True`. An output_dir that already holds checkpoints needs a resume: two runs are
-        never mixed in one folder.
+        `interrupted=True`. An output_dir that already holds checkpoints needs a resume, and a Trainer
+        writing one holds its lock until `train` returns or raises: two runs are never mixed in one folder.
         """
         manager = self._checkpoints()
+        try:
+            return self._train(manager, resume_from_checkpoint)
+        except BaseException:
+            if manager is not None:
+                with contextlib.suppress(Exception):  # the error that stopped training is the one to see
+                    manager.close()
+            raise
+
+    def _train(self, manager: CheckpointManager | None, resume_from_checkpoint) -> TrainOutput:
+        """`train`, writing through `manager` (None without an output_dir)."""
         resume = resume_from_checkpoint not in (None, False)
         if resume and manager is None:
             raise ValueError("Trainer.train: resume_from_checkpoint needs TrainingArguments.output_dir.")
         if not resume and manager is not None and manager.all_steps():
-            manager.close()
             raise FileExistsError(
                 f"Trainer.train: {self.output_dir / 'checkpoints'} already holds checkpoints (steps "
                 f"{manager.all_steps()[-3:]}...); pass resume_from_checkpoint=True to continue that run, or "

@@ -1,7 +1,8 @@
 """Checkpoints of a ZeRO run on orbax: sharded, asynchronous, atomic, restored onto any plan.
 
 Modules: `manager` (`CheckpointManager`), `options` (what to keep), `integrity` (checksum manifests),
-`errors`, `lazy` (`LazyTensor`), `export` (Hugging Face folders from a step or the live state).
+`steps` (which numbered folders are steps; checked metrics), `lock` (one writer per folder), `errors`,
+`lazy` (`LazyTensor`), `export` (Hugging Face folders from a step or the live state).
 
 A checkpoint step is a folder `DIR/<step>` with two orbax items:
 
@@ -20,7 +21,16 @@ silently. Every step therefore holds `integrity.json`, the SHA-256 and size of e
 by the primary process inside the temporary folder after all processes finished writing and before the
 rename (orbax's post-finalization hook), so the manifest is committed atomically with the step. Every
 restore verifies it first (once per manager and step) and raises `CorruptCheckpointError` naming the step
-and the file; `restore_latest_good` falls back to the newest step that verifies.
+and the file; `restore_latest_good` falls back to the newest step that verifies. A step verifies only
+with a well-formed manifest that lists every file it holds (its metrics included); a missing, partial or
+malformed manifest is corruption. Steps are ranked for `best` by metrics that match their manifest only
+(a step whose metrics fail is left out, with a warning), so one damaged step never blocks the others.
+A numbered folder holding nothing a save writes (an empty folder, an export) is not a step: ignored,
+with one warning.
+
+One writer per folder: a writable manager holds an exclusive lock on `DIR/.zerojax-writer.lock` (taken
+by process 0, released by `close()` or by the OS when the writer dies); a second writer gets
+`CheckpointLockedError` naming the holder's pid.
 
 Restoring reads onto the shardings of a *target* (a `ZeroPlan`, or a `TrainState` of arrays or
 `ShapeDtypeStruct`s): another device count, stage or mesh shape; each process reads only its shards.
@@ -31,7 +41,12 @@ saved loss-scaler state is dropped when the target runs without loss scaling; a 
 scaling needs a checkpoint that has one (error otherwise).
 """
 
-from zerojax.checkpoint.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
+from zerojax.checkpoint.errors import (
+    CheckpointError,
+    CheckpointLockedError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+)
 from zerojax.checkpoint.export import export_checkpoint, save_model
 from zerojax.checkpoint.integrity import INTEGRITY
 from zerojax.checkpoint.lazy import LazyTensor
@@ -39,6 +54,7 @@ from zerojax.checkpoint.manager import CheckpointManager, Restored
 from zerojax.checkpoint.options import CheckpointOptions
 
 __all__ = [
-    "INTEGRITY", "CheckpointError", "CheckpointManager", "CheckpointOptions", "CheckpointWriteError",
+    "INTEGRITY", "CheckpointError", "CheckpointLockedError", "CheckpointManager", "CheckpointOptions",
+    "CheckpointWriteError",
     "CorruptCheckpointError", "LazyTensor", "Restored", "export_checkpoint", "save_model",
 ]

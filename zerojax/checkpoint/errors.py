@@ -22,6 +22,14 @@ class CheckpointWriteError(CheckpointError):
     """A save that could not be written (disk full, read-only or missing folder); older steps are intact."""
 
 
+class CheckpointLockedError(CheckpointError):
+    """A checkpoint folder another writer holds: one writer per folder (`pid` names the holder, None if unknown)."""
+
+    def __init__(self, message: str, pid: int | None):
+        super().__init__(message)
+        self.pid = pid
+
+
 class CorruptCheckpointError(CheckpointError):
     """A committed step whose files are damaged (checksum, size or format): `step` and `file` name it."""
 
@@ -53,10 +61,27 @@ def write_errors(manager: CheckpointManager, step: int | None):
         what = "create the checkpoint folder" if step is None else f"write checkpoint step {step}"
         steps = [] if step is None else manager.all_steps()
         kept = f" (the steps already saved, {steps}, are intact)" if steps else ""
-        fix = {errno.ENOSPC: "free disk space or point the checkpoints at a larger disk",
-               errno.EROFS: "choose a writable output folder", errno.EACCES: "choose a folder you can write to",
-               errno.EDQUOT: "free quota or point the checkpoints at another disk"}.get(code, "check the folder and the disk")
-        raise CheckpointWriteError(f"cannot {what} in {manager.directory}: {reason}{kept}; {fix}.") from error
+        raise CheckpointWriteError(f"cannot {what} in {manager.directory}: {reason}{kept}; {_fix(code)}.") from error
+
+
+@contextlib.contextmanager
+def file_write_errors(path: str | os.PathLike):
+    """An OSError while writing the file `path` becomes one `CheckpointWriteError` naming the file, why
+    and what to do."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CheckpointWriteError(f"cannot write {os.fspath(path)}: {reason}; {_fix(error.errno)}.") from error
+
+
+def _fix(code: int | None) -> str:
+    """What to do about a write that failed with OS error `code`."""
+    return {errno.ENOSPC: "free disk space or point the checkpoints at a larger disk",
+            errno.EROFS: "choose a writable output folder", errno.EACCES: "choose a folder you can write to",
+            errno.EPERM: "choose a folder you can write to",
+            errno.EISDIR: "remove or rename the folder of that name",
+            errno.EDQUOT: "free quota or point the checkpoints at another disk"}.get(code, "check the folder and the disk")
 
 
 @contextlib.contextmanager

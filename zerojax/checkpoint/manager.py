@@ -18,9 +18,17 @@ from jax.experimental import multihost_utils
 
 from zerojax import models
 from zerojax.checkpoint import integrity
-from zerojax.checkpoint.errors import CheckpointError, CorruptCheckpointError, read_errors, write_errors
+from zerojax.checkpoint.errors import (
+    CheckpointError,
+    CheckpointLockedError,
+    CorruptCheckpointError,
+    read_errors,
+    write_errors,
+)
 from zerojax.checkpoint.lazy import LazyTensor
+from zerojax.checkpoint.lock import WriterLock
 from zerojax.checkpoint.options import CheckpointOptions, KeepBestAndLatest, best_index, ranking
+from zerojax.checkpoint.steps import CheckedMetrics, StepsOnly, numbered_folders
 from zerojax.offload import check_host_memory
 from zerojax.plan import TrainState, ZeroPlan
 from zerojax.rules import path_key
@@ -47,7 +55,9 @@ class CheckpointManager:
     """Saves and restores a ZeRO run's checkpoints under `directory` (see the `zerojax.checkpoint` docstring).
 
     `read_only=True` opens an existing checkpoint folder (an error if it is missing or holds no
-    complete step) and never writes or deletes anything.
+    complete step) and never writes or deletes anything. A writable manager holds the folder's writer
+    lock (`zerojax.checkpoint.lock`, taken by process 0) until `close()`: a second writer of the same
+    folder gets `CheckpointLockedError`.
     """
 
     def __init__(self, directory: str | os.PathLike, options: CheckpointOptions = CheckpointOptions(), *,
@@ -59,8 +69,31 @@ class CheckpointManager:
                                   "written by zerojax.checkpoint.CheckpointManager.")
         self._rank = rank = ranking(options)
         self._read_only = read_only
+        self._format = StepsOnly()
+        self._lock = None
+        if not read_only:  # before orbax, which deletes temporary folders: another writer's saves
+            with write_errors(self, None):
+                os.makedirs(self.directory, exist_ok=True)
+            self._lock = _writer_lock(self.directory)
         self._saving: int | None = None  # the step being written (for the integrity hook)
         self._verified: set[int] = set()
+        try:
+            self._open_orbax(options, rank, read_only)
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+        ignored = sorted(set(numbered_folders(self.directory)) - set(self.all_steps()))
+        if ignored:
+            warnings.warn(f"checkpoint folder {self.directory}: the numbered folder(s) {ignored} hold no checkpoint "
+                          "step (an empty folder, an export, or the remains of a deleted step) and are ignored; "
+                          "move them out of the checkpoint folder.", stacklevel=2)
+        if read_only and not self.all_steps():
+            raise CheckpointError(f"checkpoint folder {self.directory} holds no complete checkpoint step; "
+                                  "expected step folders written by zerojax.checkpoint.CheckpointManager.")
+
+    def _open_orbax(self, options: CheckpointOptions, rank, read_only: bool) -> None:
+        """Opens orbax's manager on the folder (a writable one deletes leftover temporary folders)."""
         mngr_options = ocp.CheckpointManagerOptions(
             best_fn=rank,
             best_mode="max",
@@ -73,16 +106,15 @@ class CheckpointManager:
             create=not read_only,
             cleanup_tmp_directories=not read_only,
             save_interval_steps=0 if read_only else 1,
+            step_name_format=self._format,
         )
         with write_errors(self, None):
-            self._mngr = ocp.CheckpointManager(
+            self._mngr = _Orbax(
                 self.directory,
+                CheckedMetrics(self.directory),
                 options=mngr_options,
                 item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
             )
-        if read_only and not self.all_steps():
-            raise CheckpointError(f"checkpoint folder {self.directory} holds no complete checkpoint step; "
-                                  "expected step folders written by zerojax.checkpoint.CheckpointManager.")
 
     # --- saving -------------------------------------------------------------------------------
     def save(self, state: TrainState, *, rng: Any = None, data_position: Any = None, config: Any = None,
@@ -100,6 +132,9 @@ class CheckpointManager:
             warnings.warn(f"checkpoint step {step} already exists in {self.directory}; it was not overwritten "
                           "(resume from it, or use a new folder for a new run).", stacklevel=2)
             return False
+        if os.path.lexists(folder := os.path.join(self.directory, str(step))):
+            raise CheckpointError(f"cannot save checkpoint step {step}: {folder} exists and holds no checkpoint "
+                                  "step; move it out of the checkpoint folder.")
         if metrics is not None and self._rank is not None:
             self.options.metric_value(metrics)  # fail now, not in the background thread
         if self.options.save_only_model:
@@ -148,9 +183,14 @@ class CheckpointManager:
             self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves (raising `CheckpointWriteError` if one failed) and releases the manager."""
-        with write_errors(self, self._saving):
-            self._mngr.close()
+        """Waits for pending saves (raising `CheckpointWriteError` if one failed) and releases the manager
+        and its writer lock."""
+        try:
+            with write_errors(self, self._saving):
+                self._mngr.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self):
         return self
@@ -160,8 +200,9 @@ class CheckpointManager:
 
     # --- steps --------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
-        """Committed steps on disk, oldest first (a save still being written is not listed)."""
-        return sorted(ocp.step.checkpoint_steps(self.directory))
+        """Committed steps on disk, oldest first (a save still being written, and a numbered folder that
+        holds no step, are not listed; a listed step may still fail its integrity check)."""
+        return sorted(m.step for m in self._format.find_all(self.directory))
 
     def latest_step(self) -> int | None:
         """The newest committed step: always a complete checkpoint."""
@@ -172,16 +213,24 @@ class CheckpointManager:
         """The step ranked best by `metric_for_best_model` (the options', else the one the steps were
         saved with); None without a metric or without steps saved with metrics."""
         steps = self.all_steps()
-        rank = self._rank
-        if rank is None and steps:  # opened without options: rank as the run that saved the steps did
-            meta = self.metadata(steps[-1])
-            if meta.get("metric_for_best_model") is not None:
-                rank = ranking(CheckpointOptions(metric_for_best_model=meta["metric_for_best_model"],
-                                                  greater_is_better=meta["greater_is_better"]))
+        rank = self._rank if self._rank is not None else self._saved_ranking(steps)
         if rank is None:
             return None
         best = best_index([self._mngr.metrics(s) for s in steps], rank)
         return None if best is None else steps[best]
+
+    def _saved_ranking(self, steps: list[int]):
+        """The ranking of the run that saved `steps` (from the newest step whose metadata reads), or None."""
+        for step in reversed(steps):
+            try:
+                meta = self.metadata(step)
+            except CheckpointError:
+                continue
+            if meta.get("metric_for_best_model") is None:
+                return None
+            return ranking(CheckpointOptions(metric_for_best_model=meta["metric_for_best_model"],
+                                             greater_is_better=meta["greater_is_better"]))
+        return None
 
     def resolve_step(self, step: int | str | None = "latest") -> int:
         """`step` as an existing step number: an int, `'latest'` (or None) or `'best'`."""
@@ -228,9 +277,10 @@ class CheckpointManager:
 
     # --- integrity ----------------------------------------------------------------------------
     def verify(self, step: int | str | None = "latest") -> int:
-        """Checks every file of `step` against its `integrity.json` (size, then SHA-256) and returns the
-        step number; raises `CorruptCheckpointError` naming the step and the first damaged or missing
-        file. A step without a manifest (saved by an older zerojax) is accepted with a warning."""
+        """Checks that `step` has a well-formed `integrity.json` listing every file it holds, and every
+        file against it (size, then SHA-256); returns the step number, or raises `CorruptCheckpointError`
+        naming the step and the first file that fails (the manifest itself when it is missing or
+        malformed: every step zerojax writes has one)."""
         step = self.resolve_step(step)
         if step in self._verified:
             return step
@@ -238,14 +288,12 @@ class CheckpointManager:
         fallback = self.fallback_hint(step)
         try:
             expected = integrity.read_manifest(folder)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: its file "
-                                         f"{integrity.INTEGRITY} is unreadable ({e}); {fallback}", step,
-                                         integrity.INTEGRITY) from None
-        if expected is None:
-            warnings.warn(f"checkpoint step {step} in {self.directory} has no {integrity.INTEGRITY} (saved by an "
-                          "older zerojax): its files cannot be verified.", stacklevel=2)
-        elif damage := integrity.first_damage(folder, expected):
+        except ValueError as e:
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt: its file {integrity.INTEGRITY} {e}, so "
+                f"its files cannot be verified; {fallback} If you trust its files, CheckpointOptions("
+                "verify_integrity=False) restores it unchecked.", step, integrity.INTEGRITY) from None
+        if damage := integrity.first_damage(folder, expected):
             name, what = damage
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: file {name} {what}; "
                                          f"{fallback}", step, name)
@@ -380,6 +428,37 @@ class CheckpointManager:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+class _Orbax(ocp.CheckpointManager):
+    """Orbax's manager, whose step metrics (for `best_fn` and rotation) are the checked ones: a step
+    whose metrics fail their check ranks as a step without metrics instead of failing to open."""
+
+    def __init__(self, directory: str, metrics: CheckedMetrics, **kwargs):
+        self._checked_metrics = metrics
+        super().__init__(directory, **kwargs)
+
+    def metrics(self, step: int) -> dict | None:
+        return self._checked_metrics(step)
+
+
+def _writer_lock(directory: str) -> WriterLock | None:
+    """Process 0's writer lock on `directory` (None on other processes); when process 0 cannot take it,
+    every process raises, so none goes on to write."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WriterLock(directory)
+        except CheckpointError as e:
+            error = e
+    if jax.process_count() > 1:
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            raise CheckpointLockedError(f"checkpoint folder {directory}: process 0 could not lock it for writing "
+                                        "(its error says why); fix that, then start every process again.", None)
+    if error is not None:
+        raise error
+    return lock
+
+
 def _save_args(tree: dict, hf_config: dict | None) -> dict:
     """Orbax save arguments for `tree`: when the model is known (`hf_config`), its stacked-layer weights
     are stored one chunk per layer and shard, so an export reads one layer without decoding the stack."""
