@@ -316,6 +316,84 @@ def _export_cases() -> list[Case]:
     ]
 
 
+# issue 17: checkpoints and export
+def _issue17_checkpoint_cases() -> list[Case]:
+    import json
+
+    from flax import nnx
+
+    from zerojax.args import TrainingArguments
+    from zerojax.checkpoint import CheckpointManager, CheckpointOptions
+    from zerojax.models import from_hf_config
+    from zerojax.trainer import Trainer
+
+    def onto_run_folder(d):
+        _llama_checkpoint(f"{d}/run/checkpoints")
+        return cli("export", f"{d}/run/checkpoints", f"{d}/run", "--overwrite", "--no-progress")
+
+    def into_checkpoint(d):
+        return cli("export", _llama_checkpoint(f"{d}/ck"), f"{d}/ck/5", "--no-progress")
+
+    def onto_file(d):
+        return cli("export", _llama_checkpoint(f"{d}/ck"), _write(f"{d}/out", "a file"), "--no-progress")
+
+    def second_writer(d):
+        with CheckpointManager(f"{d}/ck"):
+            CheckpointManager(f"{d}/ck")
+
+    def manifest_deleted(d):
+        _flip_largest(_checkpoint(f"{d}/ck"), 2)
+        os.remove(f"{d}/ck/2/integrity.json")
+        CheckpointManager(f"{d}/ck", read_only=True).restore(_plan())
+
+    def manifest_entry_type(d):
+        path = f"{_checkpoint(f'{d}/ck')}/2/integrity.json"
+        with open(path) as f:
+            manifest = json.load(f)
+        _write(path, json.dumps(dict(manifest, files=dict(manifest["files"], **{"meta/metadata": 5}))))
+        CheckpointManager(f"{d}/ck", read_only=True).restore(_plan())
+
+    def empty_step_folder(d):
+        os.makedirs(f"{_checkpoint(f'{d}/ck')}/7")
+        CheckpointManager(f"{d}/ck", read_only=True).restore(_plan())
+
+    def metrics_changed(d):
+        import zerojax as zj
+        from tests import tiny_transformer as T
+
+        plan = _plan()
+        state = zj.init_state(T.init_params(), plan)
+        with CheckpointManager(f"{d}/ck", CheckpointOptions(metric_for_best_model="loss")) as manager:
+            for step, loss in ((1, 3.0), (2, 1.0)):
+                manager.save(state._replace(step=state.step * 0 + step), metrics={"loss": loss})
+        _write(f"{d}/ck/1/metrics/metrics", '{"loss": 0.0}')
+        CheckpointManager(f"{d}/ck", read_only=True).resolve_step("best")
+
+    def read_only_resume(d):
+        with nnx.use_eager_sharding(False):
+            model = from_hf_config(TINY, seed=0)
+        data = __import__("numpy").zeros((64, 17), "int32")
+        with tmpfs("1M") as folder:
+            args = TrainingArguments(output_dir=folder, per_device_train_batch_size=1, max_steps=2)
+            trainer = Trainer(model, args, data, hf_config=TINY)
+            with CheckpointManager(f"{folder}/checkpoints") as manager:
+                manager.save(trainer.state, hf_config=TINY)
+            subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+            trainer.train(resume_from_checkpoint=True)
+
+    return [
+        Case("zerojax export", "--overwrite onto the run folder holding the checkpoints", onto_run_folder),
+        Case("zerojax export", "output folder inside the checkpoint folder (CKPT/5)", into_checkpoint),
+        Case("zerojax export", "output path is a file", onto_file),
+        Case("CheckpointManager", "second writer of one folder", second_writer),
+        Case("CheckpointManager.restore", "integrity.json deleted (a byte flipped)", manifest_deleted),
+        Case("CheckpointManager.restore", "integrity.json entry of the wrong type", manifest_entry_type),
+        Case("CheckpointManager.restore", "empty numbered folder in the checkpoint folder", empty_step_folder),
+        Case("CheckpointManager.resolve_step", "'best' with one step's metrics changed", metrics_changed),
+        Case("Trainer.train", "resume with a read-only output folder", read_only_resume, needs_tmpfs=True),
+    ]
+
+
 def _launch_cases() -> list[Case]:
     return [
         Case("zerojax launch", "--nproc missing", lambda d: cli("launch", "--", "true")),
@@ -548,7 +626,7 @@ def _issue17_launch_estimate_hf_cases() -> list[Case]:
 
 def cases() -> list[Case]:
     return (_config_cases() + _checkpoint_cases() + _export_cases() + _launch_cases() + _hf_cases()
-            + _core_cases() + _trainer_cases() + _issue17_launch_estimate_hf_cases())
+            + _core_cases() + _trainer_cases() + _issue17_launch_estimate_hf_cases() + _issue17_checkpoint_cases())
 
 
 def outcome(case: Case) -> Outcome:
