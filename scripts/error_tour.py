@@ -217,6 +217,26 @@ def _config_cases() -> list[Case]:
         Case("zerojax config", "--args is not a JSON object",
              lambda d: cli("config", _write(f"{d}/ok.json", "{}"), "--args", _write(f"{d}/a.json", "[1]"))),
         Case("zerojax config", "--world-size not a number", lambda d: cli("config", "x.json", "--world-size", "two")),
+        # issue 17: config input
+        Case("load_config", "Accelerate YAML with nested aliases (billion laughs)", lambda d: load_config(_write(
+            f"{d}/bomb.yaml", "distributed_type: DEEPSPEED\na: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+                f"{b}: &{b} [{','.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+            + "deepspeed_config:\n  zero_stage: *i\n"))),
+        Case("load_config", "2,000 unknown zero_optimization keys",
+             lambda d: load_config({"train_batch_size": 8, "zero_optimization": {f"k{i}": 1 for i in range(2000)}})),
+        Case("load_config", "100,000 values", lambda d: load_config({"train_batch_size": 8, "wandb": [0] * 100_000})),
+        Case("load_config", "config file over 256 KiB", lambda d: load_config(_write(f"{d}/big.json", " " * 300_000))),
+        Case("load_config", "integer of 400 digits", lambda d: load_config({"train_batch_size": 8, "gradient_clipping": 10**400})),
+        Case("load_config", "integer of 4301 digits (JSON)",
+             lambda d: load_config(_write(f"{d}/ds.json", '{"steps_per_print": ' + "9" * 4301 + "}"))),
+        Case("load_config", "nesting 600 deep", lambda d: load_config(_write(
+            f"{d}/ds.json", '{"train_batch_size": 8, "wandb": ' + "[" * 600 + "]" * 600 + "}"))),
+        Case("load_config", "YAML with mixed key types", lambda d: load_config(_write(
+            f"{d}/acc.yaml", "distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  1: a\n  b: c\n"))),
+        Case("load_config", "Accelerate YAML that names itself as deepspeed_config_file", lambda d: load_config(_write(
+            f"{d}/acc.yaml", "distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: acc.yaml\n"))),
+        Case("load_config", "deprecated key with a bad value (bfloat16: 1)",
+             lambda d: load_config({"train_batch_size": 8, "bfloat16": 1})),
     ]
 
 

@@ -80,7 +80,7 @@ def check_params(kind: str, name: str, params: Any, table: Mapping[str, Any], pr
     """`params` with defaults filled and types checked against `table`; problems name `kind.params.key`.
     Numbers come back as the update uses them: counts as int, everything else as float (an int
     hyperparameter would become an int32 array inside optax)."""
-    from zerojax.config.errors import MAX_LISTED, key_text, shown
+    from zerojax.config.errors import MAX_LISTED, key_text, listed, shown
     from zerojax.config.keys import UNRESOLVED, did_you_mean
 
     if params is None:
@@ -90,13 +90,16 @@ def check_params(kind: str, name: str, params: Any, table: Mapping[str, Any], pr
         return dict(table)
     out = dict(table)
     unresolved = {k for k, v in params.items() if v is UNRESOLVED}
-    typos = 0
+    typos = [k for k in params if k not in table]
+    if len(typos) > MAX_LISTED:
+        problems.append(f"{kind}.params has {len(typos):,} keys that are not parameters of {name}: {listed(typos)}; "
+                        f"it accepts {sorted(table)} — fix or remove them.")
+    else:
+        problems.extend(f"{kind}.params.{key_text(k)} is not a parameter of {name}{did_you_mean(k, table)}; it "
+                        f"accepts {sorted(table)}." for k in typos)
     for key, value in params.items():
         path = f"{kind}.params.{key_text(key)}"
         if key not in table:
-            typos += 1
-            near = did_you_mean(key, table) if typos <= MAX_LISTED else ""
-            problems.append(f"{path} is not a parameter of {name}{near}; it accepts {sorted(table)}.")
             continue
         if key in unresolved:
             continue

@@ -10,7 +10,7 @@ from typing import Any
 from zerojax.args import TrainingArguments
 from zerojax.config.auto import resolve_auto
 from zerojax.config.deprecated import apply_deprecations
-from zerojax.config.errors import ConfigDeprecationWarning, ConfigError, ConfigWarning
+from zerojax.config.errors import ConfigDeprecationWarning, ConfigError, ConfigWarning, shown
 from zerojax.config.loading import read_source
 from zerojax.config.schema import AUTO_ORDER, BF16, FP16, OffloadBlock, ZeroConfig, ZeroOptimization, build
 
@@ -43,7 +43,7 @@ def load_config(
 
         world_size = jax.device_count()
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world_size={world_size!r} must be a positive integer (the data-parallel size).")
+        raise ConfigError(f"world_size={shown(world_size)} must be a positive integer (the data-parallel size).")
     raw, hints = read_source(source)
     problems: list[str] = []
     raw = apply_deprecations(raw, problems)

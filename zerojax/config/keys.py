@@ -281,26 +281,24 @@ def validate_block(block: str, raw: dict, problems: list[str], ignored: list[str
                    unknown: list[str] | None = None, where: str | None = None) -> dict:
     """`raw` checked against the block's keys: canonical names, types, every default filled in.
 
-    Unknown keys are problems, the first few with a did-you-mean (or, when `unknown` is a list, collected
-    there); keys set explicitly that have no effect here are appended to `ignored`. Nested blocks come back
-    as given. `where` is the block's path as the config spells it (default: `block`).
+    Unknown keys are problems with a did-you-mean, or one problem listing them when there are more than
+    `MAX_LISTED` (when `unknown` is a list they are collected there instead); keys set explicitly that have
+    no effect here are appended to `ignored`. Nested blocks come back as given. `where` is the block's path
+    as the config spells it (default: `block`).
     """
     spec = BLOCKS[block]
     names = by_name(spec)
     prefix = f"{block if where is None else where}." if block else ""
     out: dict[str, Any] = {}
     seen: dict[str, str] = {}
-    typos = 0
+    typos: list[str] = []
     for name, value in raw.items():
         key = names.get(name)
         if key is None and unknown is not None:
             unknown.append(prefix + name)
             continue
         if key is None:
-            typos += 1
-            near = did_you_mean(name, names) if typos <= MAX_LISTED else ""
-            problems.append(f"{prefix}{key_text(name)} is not a DeepSpeed {block or 'top-level'} key{near}; "
-                            "fix or remove it.")
+            typos.append(name)
             continue
         if key.name in seen:
             problems.append(
@@ -311,6 +309,12 @@ def validate_block(block: str, raw: dict, problems: list[str], ignored: list[str
         out[key.name] = coerce(key, prefix + name, value, problems)
         if key.status == NO_EFFECT and value not in (None, False, key.default):
             ignored.append(prefix + name)
+    kind = f"DeepSpeed {block or 'top-level'} key"
+    if len(typos) > MAX_LISTED:
+        problems.append(f"{where or block or 'the config'} has {len(typos):,} keys that are not {kind}s: {listed(typos)}; "
+                        "fix or remove them.")
+    else:
+        problems.extend(f"{prefix}{key_text(n)} is not a {kind}{did_you_mean(n, names)}; fix or remove it." for n in typos)
     for key in spec:
         out.setdefault(key.name, key.default)
     return out

@@ -80,17 +80,17 @@ def read_text(path: Path, limit: int) -> str:
             data = f.read(limit + 1)
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ConfigError(f"cannot read the config file {shown(str(path))}: {reason}; check the path "
+        raise ConfigError(f"cannot read the config file {str(path)!r}: {reason}; check the path "
                           "(pass a ds_config.json file, or a dict).") from None
     if len(data) > limit:
         raise ConfigError(
-            f"the config file {shown(str(path))} is larger than {limit // 1024} KiB, too large for a config of "
+            f"the config file {str(path)!r} is larger than {limit // 1024} KiB, too large for a config of "
             "its kind (a few kB); point at the config file itself."
         )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"the config file {shown(str(path))} is not UTF-8 text; a DeepSpeed config is JSON.") from None
+        raise ConfigError(f"the config file {str(path)!r} is not UTF-8 text; a DeepSpeed config is JSON.") from None
 
 
 def parse_text(text: str, where: str) -> dict:
@@ -107,8 +107,8 @@ def parse_text(text: str, where: str) -> dict:
     except _Duplicate as e:
         raise ConfigError(f"{where} gives the key {shown(e.args[0])} twice in one object; keep one of them.") from None
     except RecursionError:
-        raise ConfigError(f"{where} nests objects and lists hundreds of levels deep; a DeepSpeed config nests a "
-                          "few levels — remove the extra nesting.") from None
+        raise ConfigError(f"{where} nests objects and lists hundreds of levels deep; a config must nest at most "
+                          f"{MAX_DEPTH} (DeepSpeed's nest a few) — remove the extra nesting.") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{where} holds a JSON {type(value).__name__}, but a DeepSpeed config is a JSON object.")
     return value
@@ -276,7 +276,10 @@ def _parse_yaml(text: str, path: Path) -> Any:
     except _Refused as e:
         raise ConfigError(f"{str(path)!r}: {e}.") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{str(path)!r} is not valid YAML: {shown(str(e))}; fix the YAML syntax.") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{str(path)!r} is not valid YAML: {getattr(e, 'problem', None) or shown(str(e))}{where}; "
+                          "fix the YAML syntax.") from None
 
 
 def int_of(text: str) -> int:
@@ -308,7 +311,8 @@ def check_tree(tree: Any, where: str) -> Any:
         node, depth, trail = stack.pop()
         if depth > MAX_DEPTH:
             raise ConfigError(f"{where}: {_path(trail)} nests more than {MAX_DEPTH} levels deep (or contains "
-                              "itself); a DeepSpeed config nests a few levels — remove the extra nesting.")
+                              f"itself); a config must nest at most {MAX_DEPTH} (DeepSpeed's nest a few) — remove "
+                              "the extra nesting.")
         if isinstance(node, dict):
             count += len(node)
             items = node.items()
@@ -319,8 +323,8 @@ def check_tree(tree: Any, where: str) -> Any:
             _check_leaf(node, trail, where)
             continue
         if count > MAX_VALUES:
-            raise ConfigError(f"{where} holds more than {MAX_VALUES:,} values; a DeepSpeed config holds a few "
-                              "hundred — remove the extra entries.")
+            raise ConfigError(f"{where} holds more than {MAX_VALUES:,} values; a config must hold at most that "
+                              "(DeepSpeed's hold a few hundred) — remove the extra entries.")
         for key, value in items:
             if isinstance(node, dict) and not isinstance(key, str):
                 at = f" in {_path(trail)}" if trail else ""

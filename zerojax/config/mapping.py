@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import optax
 
 from zerojax import optim
-from zerojax.config.errors import ConfigError
+from zerojax.config.errors import ConfigError, shown
 from zerojax.precision import LossScale, Precision
 from zerojax.rules import ZeroRules
 
@@ -30,7 +30,7 @@ def hierarchy(cfg: ZeroConfig) -> str:
 def mesh_shape(cfg: ZeroConfig, n_devices: int) -> dict[str, int]:
     """`dict(replica=, fsdp=)`: hpZ/MiCS groups of their size on `fsdp`, replicated across `replica`."""
     if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
-        raise ConfigError(f"mesh_shape: n_devices={n_devices!r} must be a positive integer.")
+        raise ConfigError(f"mesh_shape: n_devices={shown(n_devices)} must be a positive integer.")
     zero = cfg.zero_optimization
     name, size = {"hpz": ("zero_hpz_partition_size", zero.zero_hpz_partition_size),
                   "mics": ("mics_shard_size", zero.mics_shard_size)}.get(cfg.hierarchy, (None, n_devices))
