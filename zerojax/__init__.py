@@ -1,18 +1,38 @@
-"""zerojax: DeepSpeed ZeRO for JAX — stages 0–3 as sharding rules over a device mesh."""
+"""zerojax: DeepSpeed ZeRO for JAX — stages 0–3 as sharding rules over a device mesh.
 
-from zerojax.gather import Sharded, gather_on_use
-from zerojax.offload import Offload
-from zerojax.mesh import DATA_AXES, FSDP, REPLICA, TENSOR, data_parallel_size, make_mesh
-from zerojax.plan import TrainState, ZeroPlan, init_state, make_plan
-from zerojax.precision import LossScale, LossScaleState, Precision
-from zerojax.rules import LeafLayout, ZeroRules
-from zerojax.report import MemoryReport, memory_report, zero_formula_bytes
-from zerojax.step import TrainStep, make_eval_step, make_train_step
+The names below are imported on first use (PEP 562), so `import zerojax` and the `zerojax` command's
+`--help` do not load JAX.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DATA_AXES", "Offload", "Sharded", "gather_on_use", "FSDP", "REPLICA", "TENSOR", "LeafLayout", "LossScale", "LossScaleState", "Precision",
-    "TrainState", "TrainStep", "ZeroPlan", "ZeroRules", "data_parallel_size", "init_state", "make_mesh",
-    "make_eval_step", "make_plan", "make_train_step", "MemoryReport", "memory_report", "zero_formula_bytes",
-]
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "Sharded": "zerojax.gather", "gather_on_use": "zerojax.gather",
+    "Offload": "zerojax.offload",
+    "TokenLoss": "zerojax.loss",
+    "DATA_AXES": "zerojax.mesh", "FSDP": "zerojax.mesh", "REPLICA": "zerojax.mesh", "TENSOR": "zerojax.mesh",
+    "data_parallel_size": "zerojax.mesh", "make_mesh": "zerojax.mesh",
+    "TrainState": "zerojax.plan", "ZeroPlan": "zerojax.plan", "init_state": "zerojax.plan", "make_plan": "zerojax.plan",
+    "LossScale": "zerojax.precision", "LossScaleState": "zerojax.precision", "Precision": "zerojax.precision",
+    "LeafLayout": "zerojax.rules", "ZeroRules": "zerojax.rules",
+    "MemoryReport": "zerojax.report", "memory_report": "zerojax.report", "zero_formula_bytes": "zerojax.report",
+    "TrainStep": "zerojax.step", "make_eval_step": "zerojax.step", "make_train_step": "zerojax.step",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """A public name, imported from its module the first time it is used."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'zerojax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

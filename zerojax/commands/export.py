@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import re
 import sys
 
-from zerojax.hf import EXPORT_DTYPES
+DTYPES = ("fp32", "bf16", "fp16")  # zerojax.hf.EXPORT_DTYPES, spelled here so that --help does not import JAX
 
 
 def add_parser(subparsers) -> None:
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("ckpt_dir", help="checkpoint folder written by zerojax.checkpoint.CheckpointManager")
     p.add_argument("out_dir", help="Hugging Face folder to write (must be new or empty unless --overwrite)")
     p.add_argument("--step", default="latest", help="step number, 'latest' (default) or 'best'")
-    p.add_argument("--dtype", default="fp32", choices=sorted(EXPORT_DTYPES), help="dtype of every tensor")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of every tensor (default fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR once the export is complete")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -46,10 +47,21 @@ def run(args: argparse.Namespace) -> int:
                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=args.progress)
     except (ValueError, KeyError, FileExistsError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"zerojax export: error: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"zerojax export: error: {as_flags(' '.join(str(message).split()))}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+# The keyword arguments of `export_checkpoint` as its messages spell them, and this command's flags for them.
+_KEYWORDS = re.compile(r"\b(overwrite=True\b|max_shard_size=|dtype=|step=|out_dir\b)")
+_FLAGS = {"overwrite=True": "--overwrite", "max_shard_size=": "--max-shard-size=", "dtype=": "--dtype=",
+          "step=": "--step=", "out_dir": "OUT_DIR"}
+
+
+def as_flags(message: str) -> str:
+    """`message` with each keyword argument of `export_checkpoint` it names replaced by this command's flag."""
+    return _KEYWORDS.sub(lambda m: _FLAGS[m.group(1)], message)
 
 
 def _return_freed_buffers() -> None:

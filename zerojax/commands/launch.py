@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zerojax.launch import LaunchSpec, launch
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -42,6 +40,8 @@ def _number(flag: str, text: str | None, kind):
 
 def run(args: argparse.Namespace) -> int:
     """Launches; bad arguments are one line on stderr and exit status 2."""
+    from zerojax.launch import LaunchSpec, launch
+
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
         if args.nproc is None:
