@@ -22,6 +22,7 @@ at stages 1–2); at ZeRO-3 the updated fp32 shards are the parameters themselve
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -33,12 +34,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.gather import Sharded
 from zerojax.layerwise import is_elementwise, update_by_layer
+from zerojax.loss import TokenLoss, batch_mean, micro_weights, value
 from zerojax.mesh import DATA_AXES, TENSOR
 from zerojax.offload import HOST_KINDS, on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
 from zerojax.rules import LeafLayout, is_layout
 
-LossFn = Callable[[Any, Any], jax.Array]
+LossFn = Callable[..., jax.Array] | TokenLoss
 
 
 def _scatter(x, axes, dim):
@@ -67,13 +69,19 @@ def make_train_step(
     *,
     micro_batches: int = 1,
     max_grad_norm: float = 0.0,
+    rng: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """A jitted `step(state, batch) -> (state, metrics)` that donates `state`.
 
-    `loss_fn(params, batch)` returns the mean loss of `batch` as a scalar. `batch` is a tree of arrays
-    whose leading dimension is the global batch (`train_batch_size` = micro-batch size × data-parallel
-    size × `micro_batches`); each data-parallel rank takes a contiguous slice and splits it into
+    `loss_fn(params, batch)` returns the mean loss of `batch` as a scalar (each micro-batch of each rank
+    weighs the same, as in DeepSpeed), or is a `zerojax.TokenLoss` (each token of the global batch weighs
+    the same, as in Hugging Face's Trainer; see `zerojax.loss`). `batch` is a tree of arrays whose leading
+    dimension is the global batch (`train_batch_size` = micro-batch size × data-parallel size ×
+    `micro_batches`); each data-parallel rank takes a contiguous slice and splits it into
     `micro_batches` equal micro-batches. `max_grad_norm` > 0 clips by global norm as DeepSpeed does.
+    `rng`: the loss takes a key, `loss_fn(params, batch, key)` (dropout), and the step is called as
+    `step(state, batch, key)`; each micro-batch of each rank gets `key` folded with the step number, the
+    rank and the micro-batch index, so a run is a pure function of its key.
     Metrics: `loss` (mean over the global batch), `grad_norm` (before clipping), `skipped` (the update
     was dropped for non-finite gradients) and `loss_scale`.
     """
@@ -90,18 +98,21 @@ def make_train_step(
     per_layer = _fetched_per_layer(plan)
     reduce_dtype, accum_dtype = prec.reduce_dtype, prec.accum_dtype
 
-    def local_grads(params, batch, scale):
+    def local_grads(params, batch, scale, key):
         """Per rank: this rank's slice of the summed gradient, in the optimizer layout, and the mean loss."""
         micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+        weights = micro_weights(loss_fn, micro, axes, ranks)
+        keys = None if key is None else jax.vmap(partial(jax.random.fold_in, jax.random.fold_in(key, _rank(axes))))(
+            jnp.arange(micro_batches))
 
-        def grads_of(b):
+        def grads_of(b, weight, key):
             """One micro-batch's gradient at the gradient layout's size, in the reduce dtype, and its loss."""
             carriers = _tree(lambda l, h: _carrier(l, reduce_dtype, h, mesh), layouts, per_layer)
 
             def scaled_loss(carriers):
                 used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, h), carriers, params, layouts,
                              per_layer)
-                loss = jnp.asarray(loss_fn(used, b), jnp.float32)
+                loss = value(loss_fn, (used, b) if key is None else (used, b, key), weight)
                 return loss * scale, loss
 
             (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(carriers)
@@ -109,14 +120,14 @@ def make_train_step(
             return _tree(lambda g, l: _scatter(g, _after_use(l), l.dim), g, layouts), loss
 
         if micro_batches == 1:  # the gradient is the sum: no accumulator beside it
-            grads, loss = grads_of(jax.tree.map(lambda x: x[0], micro))
+            grads, loss = grads_of(*jax.tree.map(lambda x: x[0], (micro, weights, keys)))
         else:
-            def accumulate(acc, b):
-                g, loss = grads_of(b)
+            def accumulate(acc, xs):
+                g, loss = grads_of(*xs)
                 return jax.tree.map(lambda a, g: a + g.astype(accum_dtype), acc, g), loss
 
             zeros = _tree(lambda l: jnp.zeros(_local_shape(l, l.grad_axes, mesh), accum_dtype), layouts)
-            grads, losses = lax.scan(accumulate, zeros, micro)
+            grads, losses = lax.scan(accumulate, zeros, (micro, weights, keys))
             loss = jnp.mean(losses)
 
         def finish(g, l):
@@ -132,7 +143,7 @@ def make_train_step(
     sharded_grads = jax.shard_map(
         local_grads,
         mesh=mesh,
-        in_specs=(_tree(lambda l: _manual(l, l.param_axes), layouts), P(DATA_AXES), P()),
+        in_specs=(_tree(lambda l: _manual(l, l.param_axes), layouts), P(DATA_AXES), P(), P() if rng else None),
         out_specs=(_tree(lambda l: _manual(l, l.opt_axes), layouts), P()),
         axis_names=_manual_axes(mesh),
         check_vma=False,
@@ -164,9 +175,10 @@ def make_train_step(
         return jax.tree.map(
             lambda n, o: jax.device_put(jnp.where(finite, n, o), jax.typeof(o).memory_space), new, old)
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, key=None):
         scale = state.loss_scale.scale if state.loss_scale is not None else jnp.ones((), jnp.float32)
-        grads, loss = sharded_grads(_step_params(state.params, shardings.params, per_layer), batch, scale)
+        key = None if key is None else jax.random.fold_in(key, state.step)
+        grads, loss = sharded_grads(_step_params(state.params, shardings.params, per_layer), batch, scale, key)
         grads = jax.tree.map(lambda g: g.astype(prec.master_dtype) / (scale * ranks * micro_batches), grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         grad_norm = optax.tree.norm(grads)  # inf or nan on a skipped step
@@ -216,13 +228,14 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite, "loss_scale": scale}
         return new_state, metrics
 
+    replicated = NamedSharding(mesh, P())
     jitted = jax.jit(
         step,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, NamedSharding(mesh, P())),
+        in_shardings=(shardings, batch_sharding) + ((replicated,) if rng else ()),
+        out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
-    return TrainStep(jitted, plan, ranks * micro_batches)
+    return TrainStep(jitted, plan, ranks * micro_batches, rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,18 +245,24 @@ class TrainStep:
     jitted: Any
     plan: ZeroPlan
     batch_multiple: int
+    rng: bool = False
 
-    def __call__(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        self._check(state, batch)
-        return self.jitted(state, batch)
+    def __call__(self, state: TrainState, batch, key=None) -> tuple[TrainState, dict]:
+        return self.jitted(state, batch, *self._check(state, batch, key))
 
-    def lower(self, state, batch):
-        self._check(state, batch)
-        return self.jitted.lower(state, batch)
+    def lower(self, state, batch, key=None):
+        return self.jitted.lower(state, batch, *self._check(state, batch, key))
 
-    def _check(self, state, batch) -> None:
+    def _check(self, state, batch, key) -> tuple:
+        """The key argument the jitted step takes (none without `rng`), after checking the inputs."""
         check_params(state.params, self.plan, "train step")
         _check_batch(batch, self.batch_multiple)
+        if self.rng and key is None:
+            raise ValueError("train step: made with rng=True, so it needs a key: step(state, batch, jax.random.key(seed)).")
+        if not self.rng and key is not None:
+            raise ValueError("train step: got a key but was made without rng; pass rng=True to make_train_step "
+                             "(the loss then takes it: loss_fn(params, batch, key)).")
+        return (key,) if self.rng else ()
 
 
 def _in_use(param, carrier, layout: LeafLayout, compute_dtype, on_host: bool = False):
@@ -315,15 +334,17 @@ def _step_params(params, shardings, per_layer):
     return jax.tree.map(lambda p, s, keep: p if keep else on_device(p, s), params, shardings, per_layer)
 
 
-def make_eval_step(loss_fn: LossFn, plan: ZeroPlan) -> Callable[[Any, Any], jax.Array]:
-    """A jitted `eval_step(params, batch) -> mean loss` over the global batch, with the step's gathers."""
+def make_eval_step(loss_fn: LossFn, plan: ZeroPlan, *, rng: bool = False) -> Callable[[Any, Any], jax.Array]:
+    """A jitted `eval_step(params, batch) -> loss` over the global batch (each rank's mean loss averaged,
+    or a `TokenLoss` over every token), with the step's gathers. `rng`: the loss takes a key, which is
+    None here (deterministic: no dropout)."""
     layouts, mesh, axes = plan.param_layouts, plan.mesh, plan.rules.data_axes
     per_layer, compute = _fetched_per_layer(plan), plan.precision.compute_dtype
 
     def local_loss(params, batch):
         used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, h), params, layouts,
                      per_layer)
-        return _psum(jnp.asarray(loss_fn(used, batch), jnp.float32), axes) / plan.rules.data_size
+        return batch_mean(loss_fn, (used, batch, None) if rng else (used, batch), axes, plan.rules.data_size)
 
     sharded = jax.shard_map(
         local_loss, mesh=mesh,
@@ -348,6 +369,11 @@ def _after_use(layout: LeafLayout) -> tuple[str, ...]:
     """Gradient axes still to scatter after the backward pass (hpZ: the axes beyond the param group)."""
     done = layout.param_axes or layout.grad_axes
     return tuple(a for a in layout.grad_axes if a not in done)
+
+
+def _rank(axes: tuple[str, ...]) -> jax.Array:
+    """This rank's index over the data-parallel `axes` (inside `shard_map`)."""
+    return lax.axis_index(axes) if axes else jnp.zeros((), jnp.int32)
 
 
 def _manual_axes(mesh) -> set[str]:

@@ -89,8 +89,9 @@ class Trainer:
     """Trains a Flax NNX model with ZeRO as its DeepSpeed config says (see the module docstring).
 
     `model`: an `nnx.Module` (its `nnx.Param` state is trained); `hf_config`: the model's Hugging Face
-    config dict (for "auto" bucket sizes and `save_model`); `loss_fn(params, batch)`: defaults to
-    next-token cross-entropy; `scanned`: path prefixes of stacked layers gathered one at a time
+    config dict (for "auto" bucket sizes and `save_model`); `loss_fn(params, batch)` or a
+    `zerojax.TokenLoss`: defaults to next-token cross-entropy with every target token of the global batch
+    weighing the same (labels of -100 and padding excluded), as Hugging Face's Trainer does; `scanned`: path prefixes of stacked layers gathered one at a time
     (default: the bundled models' stacked layers when `hf_config` is given, else none);
     `max_consecutive_skips`: steps in a row skipped for non-finite gradients before training stops with
     an error instead of silently diverging; `device_memory` (bytes or a size such as "80GB"): what
@@ -123,7 +124,7 @@ class Trainer:
         tx = self.config.optimizer(total_steps=self.total_steps, weight_decay_mask=decay_mask(params))
         if scanned is None:
             scanned = stacked_layers(hf_config) if hf_config is not None else ()
-        self.loss_fn = loss_fn or causal_lm_loss(self.graphdef)
+        self.loss_fn = loss_fn or causal_lm_loss(self.graphdef, per_token=True)  # every token alike, as HF does
         self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
         if self.config.stage == "auto":
             mesh = self.mesh

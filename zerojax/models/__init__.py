@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from zerojax.hf.mapping import TensorMap
+from zerojax.loss import TokenLoss
 from zerojax.models import gpt2, llama
 from zerojax.precision import dtype_of
 
@@ -96,23 +97,38 @@ def logits(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, attention_
     return nnx.merge(graphdef, params)(input_ids, attention_mask).astype(jnp.float32)
 
 
-def causal_lm_loss(graphdef: nnx.GraphDef) -> Callable[[Any, dict], jax.Array]:
+def causal_lm_loss(graphdef: nnx.GraphDef, *, per_token: bool = False) -> Callable[[Any, dict], jax.Array] | TokenLoss:
     """`loss_fn(params, batch)`: mean next-token cross-entropy of `batch["input_ids"]` (B, T).
 
-    With `batch["attention_mask"]` (1 = token, 0 = padding) padding keys are masked and only targets
-    that are real tokens count, as Hugging Face does with `labels=-100` on padding.
+    Targets are the next input ids, or with `batch["labels"]` the next labels, where -100 marks a
+    position that does not count (Hugging Face's convention; labels are shifted here, as its models
+    do). With `batch["attention_mask"]` (1 = token, 0 = padding) padding keys are masked and, without
+    labels, only targets that are real tokens count. `per_token`: a `zerojax.TokenLoss` instead (the
+    summed loss and the count of targets), so that the train step weighs every token of the global
+    batch the same, as Hugging Face's Trainer does.
     """
 
-    def loss_fn(params, batch):
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        out = logits(graphdef, params, ids, mask)[:, :-1]
-        losses = optax.softmax_cross_entropy_with_integer_labels(out, ids[:, 1:])
-        if mask is None:
-            return jnp.mean(losses)
-        weight = mask[:, 1:].astype(jnp.float32)
-        return jnp.sum(losses * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    def targets(batch):
+        """The target ids (B, T-1) and each one's weight (1 counts, 0 does not)."""
+        labels = batch.get("labels")
+        if labels is not None:
+            counted = labels[:, 1:] != -100
+            return jnp.where(counted, labels[:, 1:], 0), counted.astype(jnp.float32)
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"][:, 1:]
+        return ids, jnp.ones(ids.shape, jnp.float32) if mask is None else mask[:, 1:].astype(jnp.float32)
 
-    return loss_fn
+    def summed(params, batch):
+        ids, weight = targets(batch)
+        out = logits(graphdef, params, batch["input_ids"], batch.get("attention_mask"))[:, :-1]
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(out, ids) * weight)
+
+    def count(batch):
+        return jnp.sum(targets(batch)[1])
+
+    if per_token:
+        return TokenLoss(summed, count)
+    return lambda params, batch: summed(params, batch) / jnp.maximum(count(batch), 1.0)
 
 
 def generate(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, max_new_tokens: int) -> jax.Array:
