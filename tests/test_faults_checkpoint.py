@@ -223,6 +223,80 @@ def test_two_writers_started_together_20_times_never_mix(tmp_path):
     assert locked >= runs // 2, outcomes  # most starts overlap: the lock, not the timing, keeps them apart
 
 
+TRAINER_WRITER = textwrap.dedent("""
+    import hashlib, json, os, sys, time
+    import jax, numpy as np
+    from flax import nnx
+    from zerojax.args import TrainingArguments
+    from zerojax.models import from_hf_config
+    from zerojax.trainer import Trainer
+
+    base, who, runs, tiny = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+    jax.config.update("jax_compilation_cache_dir", f"{base}/jax-cache-{who}")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    data = np.random.default_rng(0).integers(0, 256, size=(64, 17)).astype(np.int32)
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    outcomes = []
+    for run in range(runs):
+        with nnx.use_eager_sharding(False):
+            model = from_hf_config(tiny, seed=who)
+        args = TrainingArguments(output_dir=f"{base}/{run}", per_device_train_batch_size=1, max_steps=3, save_steps=1,
+                                 seed=who)
+        trainer = Trainer(model, args, data, hf_config=tiny)
+        step, hashes = trainer.train_step, {}
+
+        def recorded(state, batch):  # the run's own weights after each step, to tell whose a checkpoint is
+            state, out = step(state, batch)
+            leaves = jax.tree.leaves(jax.device_get(state.params))
+            hashes[int(state.step)] = sorted(hashlib.sha256(np.asarray(x).tobytes()).hexdigest() for x in leaves)
+            return state, out
+
+        trainer.train_step = recorded
+        open(f"{base}/ready-{run}-{who}", "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(f"{base}/ready-{run}-{1 - who}") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        try:
+            trainer.train()
+            outcomes.append(hashes)
+        except Exception as e:  # the refusal, or whatever else went wrong: recorded, the runs go on
+            outcomes.append(f"{type(e).__name__}: {e}")
+    print(json.dumps(outcomes), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_two_trainers_started_together_20_times_never_mix(tmp_path):
+    """Issue 17's acceptance run: 20 times, two Trainers (two processes, different seeds) start on one
+    output_dir at the same instant; one trains and checkpoints, the other is refused; every checkpoint
+    on disk holds exactly the weights of the run that trained (as that run recorded them)."""
+    runs = 20
+    procs = [subprocess.Popen([sys.executable, "-c", TRAINER_WRITER, str(tmp_path), str(who), str(runs), json.dumps(TINY)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who in (0, 1)]
+    outputs = [p.communicate(timeout=1500) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    pids = [json.loads(out.splitlines()[0])["pid"] for out, _ in outputs]
+    outcomes = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    locked = 0
+    for run in range(runs):
+        results = [outcomes[0][run], outcomes[1][run]]
+        assert sorted(isinstance(r, dict) for r in results) == [False, True], results
+        writer = [isinstance(r, dict) for r in results].index(True)
+        refusal = results[1 - writer]
+        assert refusal.startswith(("CheckpointLockedError: ", "FileExistsError: Trainer.train: ")), refusal
+        if refusal.startswith("CheckpointLockedError"):
+            locked += 1
+            assert f"(pid {pids[writer]} on " in refusal, refusal
+        manager = CheckpointManager(tmp_path / str(run) / "checkpoints", read_only=True)
+        assert manager.all_steps() == [1, 2, 3]
+        for step in manager.all_steps():
+            leaves = jax.tree.leaves(manager.lazy_weights(step))
+            saved = sorted(hashlib.sha256(np.asarray(leaf()).tobytes()).hexdigest() for leaf in leaves)
+            assert saved == results[writer][str(step)], (run, step)
+    assert locked >= runs // 2, outcomes
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from zerojax.checkpoint import CheckpointManager
@@ -431,4 +505,22 @@ def test_a_file_as_export_folder_is_called_a_file(ck, capsys):
     _, ckpt, _ = ck
     (ckpt.parent / "out").write_text("a file")
     code, err = _export(capsys, ckpt, ckpt.parent / "out")
-    assert code == 2 and f"out_dir '{ckpt.parent / 'out'}' is a file, not a folder; choose a new folder" in err, err
+    assert code == 2 and f"'{ckpt.parent / 'out'}' is a file, not a folder; choose a new folder" in err, err
+
+
+def test_a_step_folder_left_without_its_meta_is_corruption(ck, capsys):
+    """What a kill during rotation can leave: a numbered folder with part of a step (here its `state`
+    only) is a corrupt step, never a KeyError; the newest good step is restored in its place."""
+    _, ckpt, plan = ck
+    shutil.copytree(ckpt / "3" / "state", ckpt / "4" / "state")
+    manager = CheckpointManager(ckpt, read_only=True)
+    with pytest.raises(CorruptCheckpointError, match=r"step 4 .* is corrupt: its file integrity.json is missing"):
+        manager.restore(plan)
+    with pytest.raises(CorruptCheckpointError, match=r"step 4 .* is corrupt: its folder meta is missing; restore an "
+                                                     r"older step \(step=3"):
+        manager.metadata(4)
+    with pytest.warns(UserWarning, match=r"skipped corrupt step\(s\) 4 \(file integrity.json\); restored step 3"):
+        assert manager.restore_latest_good(plan).step == 3
+    code, err = _export(capsys, ckpt, ckpt.parent / "hf")
+    assert code == 2 and "step 4" in err and "integrity.json is missing" in err, err
+    assert _export(capsys, ckpt, ckpt.parent / "hf", "--step", "3")[0] == 0

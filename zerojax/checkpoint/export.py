@@ -21,7 +21,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     `ckpt_dir` is refused (`CheckpointError`) before anything is read or written."""
     refuse_overlap("export", out_dir, [ckpt_dir], CheckpointError)
     manager = CheckpointManager(ckpt_dir, read_only=True)
-    step = manager.resolve_step(step)
+    step = manager.verify(step)  # nothing of the step is read before its files check out
     hf_config = manager.metadata(step)["hf_config"]
     if not hf_config:
         raise CheckpointError(

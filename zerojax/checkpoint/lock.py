@@ -61,8 +61,8 @@ def _alive(holder: list[str]) -> bool:
         os.kill(int(holder[0]), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 

@@ -261,6 +261,9 @@ class CheckpointManager:
     def metadata(self, step: int | str | None = "latest") -> dict:
         """The JSON metadata of a step (rng, data_position, config, hf_config, metrics, ...)."""
         step = self.resolve_step(step)
+        if not os.path.isdir(os.path.join(self.directory, str(step), META)):
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is corrupt: its folder {META} is "
+                                         f"missing; {self.fallback_hint(step)}", step, META)
         with read_errors(self, step):
             meta = self._mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
