@@ -19,17 +19,60 @@ AUTO = "auto"
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
+# The names Hugging Face config classes store their hidden size under, by `model_type`: each class's
+# `attribute_map["hidden_size"]` (transformers 5.25, `PretrainedConfig.attribute_map`), so that a
+# config.json dict resolves as the config object would (`GPT2Config().hidden_size` reads `n_embd`).
+# zerojax does not import transformers; tests/test_args_hf.py checks this table against it.
+_ALIASES_BY_NAME = {
+    "d_model": (
+        "autoformer bart bigbird_pegasus blenderbot blenderbot-small conditional_detr d_fine dbrx "
+        "deformable_detr deimv2 detr fsmt funnel grounding-dino informer led longt5 m2m_100 marian mbart "
+        "mm-grounding-dino mpt mt5 mvp nllb-moe patchtsmixer patchtst pegasus pegasus_x plbart pop2piano "
+        "pp_doclayout_v2 pp_doclayout_v3 pp_formulanet_text qwen2_5_omni_audio_encoder qwen2_audio_encoder "
+        "qwen3_asr_encoder qwen3_omni_moe_audio_encoder rt_detr rt_detr_v2 speech_to_text switch_transformers "
+        "t5 table-transformer time_series_transformer trocr udop umt5 whisper xglm xlnet"
+    ),
+    "n_embd": "codegen ctrl gpt-sw3 gpt2 gpt_bigcode gptj imagegpt openai-gpt",
+    "dim": "distilbert",
+    "emb_dim": "flaubert xlm",
+    "hidden_dim": "granite_speech_encoder granite_speech_plus_encoder mask2former oneformer",
+    "embed_dim": "idefics_vision kosmos_2_5_text_model kosmos_2_text_model swin2sr",
+    "text_hidden_size": "inkling_audio",
+    "mask_feature_size": "maskformer",
+}
+HIDDEN_SIZE_ALIASES: dict[str, str] = {t: name for name, types in _ALIASES_BY_NAME.items() for t in types.split()}
+# Read when a dict has no (known) model_type: names only a hidden size goes by.
+_GENERIC = ("n_embd", "d_model")
+# Sub-configs holding the language model, searched after the top level (Transformers reads text_config).
+SUB_CONFIGS = ("text_config", "llm_config", "language_config", "decoder")
+
+
 def hidden_size(model_config: Any) -> int | None:
-    """`hidden_size`, else max(`hidden_sizes`), else the same under `text_config` (dict or attributes)."""
-    for node in (model_config, _get(model_config, "text_config")):
-        if node is None:
+    """The model's hidden size as Transformers' DeepSpeed integration reads it from a config object:
+    `hidden_size` (through the class's alias: `n_embd` for GPT-2, `d_model` for T5, ...), else
+    max(`hidden_sizes`), else the same inside `text_config` (then `llm_config`, `language_config`,
+    `decoder`). Works on a config.json dict or a config object."""
+    for node in (model_config, *(_get(model_config, k) for k in SUB_CONFIGS)):
+        if node is None or not (isinstance(node, dict) or hasattr(node, "__dict__")):
             continue
-        value = _get(node, "hidden_size")
-        if value is None and _get(node, "hidden_sizes"):
-            value = max(_get(node, "hidden_sizes"))
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        model_type = _get(node, "model_type")
+        names = ["hidden_size"]
+        if isinstance(model_type, str) and model_type in HIDDEN_SIZE_ALIASES:
+            names.append(HIDDEN_SIZE_ALIASES[model_type])
+        else:
+            names += _GENERIC
+        for name in names:
+            value = _get(node, name)
+            if _positive(value):
+                return value
+        sizes = _get(node, "hidden_sizes")
+        if isinstance(sizes, (list, tuple)) and sizes and all(_positive(v) for v in sizes):
+            return max(sizes)
     return None
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31
 
 
 def resolve_auto(
@@ -150,7 +193,8 @@ def _resolve_hidden_size(config: dict, model_config: Any, problems: list[str]) -
         elif h is None:
             problems.append(
                 f'zero_optimization.{spelled} is "auto" but the model\'s hidden size is unknown; pass '
-                "model_config (with hidden_size / hidden_sizes / text_config) or --hidden-size, or write a value."
+                "model_config (a Hugging Face config: hidden_size or its alias such as n_embd or d_model, "
+                "hidden_sizes, or text_config), or --hidden-size / --model-config, or write a value."
             )
             zero[spelled] = UNRESOLVED
         else:
