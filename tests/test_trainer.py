@@ -1,6 +1,7 @@
 """The Trainer: every stage and offload trains the same curve; SIGTERM checkpoints and resumes exactly."""
 
 import copy
+import dataclasses
 import os
 import random
 import signal
@@ -136,9 +137,10 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_loss(data, stage0_curve
 def test_consecutive_non_finite_steps_stop_training(data):
     t = trainer(data, ZERO(2), steps=8)
     t.max_consecutive_skips = 3
-    base = t.loss_fn
+    base = t.loss_fn  # a TokenLoss: every token of the global batch weighs the same
     t.train_step = __import__("zerojax").make_train_step(
-        lambda p, b: base(p, b) * np.nan, t.plan, micro_batches=2, max_grad_norm=1.0)
+        dataclasses.replace(base, total=lambda p, b: base.total(p, b) * np.nan), t.plan, micro_batches=2,
+        max_grad_norm=1.0)
     with pytest.raises(FloatingPointError, match="3 steps in a row"):
         t.train()
     assert int(t.state.skipped) == 3 and int(t.state.step) == 3

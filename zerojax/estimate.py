@@ -427,7 +427,9 @@ def compile_train_step(step, plan, batch, target: str | None = None) -> Compiled
     import jax
 
     start = time.perf_counter()
-    lowered = step.lower(plan.abstract_state(), batch)
+    replicated = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
+    key = (jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),) if step.rng else ()
+    lowered = step.lower(plan.abstract_state(), batch, *key)
     lowered_text = lowered.as_text()
     try:
         exe = lowered.compile()

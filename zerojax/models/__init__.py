@@ -92,12 +92,29 @@ def stacked_layers(config: dict) -> tuple[str, ...]:
     return ("h",) if model_type(config) == "gpt2" else ("layers",)
 
 
-def logits(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-    """The model's fp32 logits (B, T, vocab) for `input_ids` (B, T) with `params` (an `nnx.Param` state)."""
-    return nnx.merge(graphdef, params)(input_ids, attention_mask).astype(jnp.float32)
+def merge(graphdef: nnx.GraphDef, params: Any, other: Any = None, key: jax.Array | None = None) -> nnx.Module:
+    """The model from its parameters and the rest of its state (`other`, as `nnx.split(model, nnx.Param,
+    ...)` leaves it: RNG streams). With `key` every RNG stream is reseeded from it (training: dropout
+    draws from `key`); without, the model runs in eval mode (deterministic)."""
+    # `other` rebuilt here, so that its variables belong to the trace that reseeds them
+    model = nnx.merge(graphdef, params) if other is None else nnx.merge(graphdef, params, jax.tree.map(lambda x: x, other))
+    if key is None:
+        model.eval()
+        return model
+    streams = sorted({s.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+    nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(streams)})
+    return model
 
 
-def causal_lm_loss(graphdef: nnx.GraphDef, *, per_token: bool = False) -> Callable[[Any, dict], jax.Array] | TokenLoss:
+def logits(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+           other: Any = None, key: jax.Array | None = None) -> jax.Array:
+    """The model's fp32 logits (B, T, vocab) for `input_ids` (B, T) with `params` (an `nnx.Param` state),
+    and `other` state and `key` as `merge` takes them."""
+    return merge(graphdef, params, other, key)(input_ids, attention_mask).astype(jnp.float32)
+
+
+def causal_lm_loss(graphdef: nnx.GraphDef, *, per_token: bool = False,
+                   other: Any = None) -> Callable[[Any, dict], jax.Array] | TokenLoss:
     """`loss_fn(params, batch)`: mean next-token cross-entropy of `batch["input_ids"]` (B, T).
 
     Targets are the next input ids, or with `batch["labels"]` the next labels, where -100 marks a
@@ -105,7 +122,9 @@ def causal_lm_loss(graphdef: nnx.GraphDef, *, per_token: bool = False) -> Callab
     do). With `batch["attention_mask"]` (1 = token, 0 = padding) padding keys are masked and, without
     labels, only targets that are real tokens count. `per_token`: a `zerojax.TokenLoss` instead (the
     summed loss and the count of targets), so that the train step weighs every token of the global
-    batch the same, as Hugging Face's Trainer does.
+    batch the same, as Hugging Face's Trainer does. `other`: the model's state beside its parameters
+    (RNG streams for dropout): the loss then takes a key, `loss_fn(params, batch, key)`, and runs the
+    model in training mode with it (`key=None`: eval mode), for `make_train_step(..., rng=True)`.
     """
 
     def targets(batch):
@@ -118,17 +137,18 @@ def causal_lm_loss(graphdef: nnx.GraphDef, *, per_token: bool = False) -> Callab
         ids = batch["input_ids"][:, 1:]
         return ids, jnp.ones(ids.shape, jnp.float32) if mask is None else mask[:, 1:].astype(jnp.float32)
 
-    def summed(params, batch):
+    def summed(params, batch, key=None):
         ids, weight = targets(batch)
-        out = logits(graphdef, params, batch["input_ids"], batch.get("attention_mask"))[:, :-1]
+        out = logits(graphdef, params, batch["input_ids"], batch.get("attention_mask"), other, key)[:, :-1]
         return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(out, ids) * weight)
 
     def count(batch):
         return jnp.sum(targets(batch)[1])
 
+    total = summed if other is not None else lambda params, batch: summed(params, batch)
     if per_token:
-        return TokenLoss(summed, count)
-    return lambda params, batch: summed(params, batch) / jnp.maximum(count(batch), 1.0)
+        return TokenLoss(total, count)
+    return lambda params, batch, *key: total(params, batch, *key) / jnp.maximum(count(batch), 1.0)
 
 
 def generate(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, max_new_tokens: int) -> jax.Array:
@@ -154,5 +174,5 @@ def generate(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, max_new_
 
 __all__ = [
     "ARCHITECTURES", "ARCHS", "abstract_model", "causal_lm_loss", "from_hf_config", "generate", "gpt2",
-    "llama", "logits", "model_type", "stacked_layers", "tensor_map",
+    "llama", "logits", "merge", "model_type", "stacked_layers", "tensor_map",
 ]
