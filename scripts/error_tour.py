@@ -672,6 +672,7 @@ def outcome(case: Case) -> Outcome:
         shutil.rmtree(folder, ignore_errors=True)
     message = re.sub(r"/tmp/zerojax_tmpfs_\w+", "<tmpfs>", message.replace(folder, "<tmp>"))
     message = re.sub(r"/d/[0-9a-f]{32}", "/d/<hash>", re.sub(r"\.partial-[0-9a-f]{8}", ".partial-<id>", message))
+    message = re.sub(r"\bpid \d+", "pid <pid>", re.sub(r"(127\.0\.0\.1:|\bport )\d+", r"\1<port>", message))
     lines = [line for line in message.splitlines() if line.strip()]
     if ok and (len(lines) > 3 or len(message) > 700 or any(m in message for m in RAW_MARKERS)
                or not FIX_WORDS.search(message)):
