@@ -33,7 +33,10 @@ from zerojax.args import TrainingArguments
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
 from zerojax.checkpoint.errors import file_write_errors
 from zerojax.config import ConfigError, ZeroConfig, load_config
-from zerojax.data import Batches, num_examples
+from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, default_callbacks, improved,
+                               resolve_intervals)
+from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
+from zerojax.loss import TokenLoss
 from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
 from zerojax.mesh import DATA_AXES, make_mesh
 from zerojax.models import causal_lm_loss, stacked_layers
@@ -104,19 +107,28 @@ class Trainer:
     def __init__(self, model: nnx.Module, args: TrainingArguments, train_dataset: Any, eval_dataset: Any = None,
                  *, hf_config: dict | None = None, loss_fn: Callable | None = None,
                  devices: list | None = None, scanned: tuple | None = None, max_consecutive_skips: int = 20,
-                 device_memory: int | str | None = None, target=None):
+                 device_memory: int | str | None = None, target=None, callbacks: list | None = None):
         devices = list(devices or jax.devices())
+        no_effect = _gradient_checkpointing(model, args)  # before the model is split: remat is static
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.hf_config = hf_config
+        train_dataset, eval_dataset = (as_columns(data, name=name, remove_unused_columns=args.remove_unused_columns)
+                                       for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)))
         if loss_fn is None:
             for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-                for column in (data.values() if isinstance(data, dict) else [data] if data is not None else []):
-                    if not np.issubdtype(np.asarray(column).dtype, np.integer):
+                if data is None or is_iterable_of_batches(data):
+                    continue  # an iterable's batches are checked as they are read
+                for column in (data.values() if isinstance(data, dict) else [data]):
+                    dtype = column.dtype if hasattr(column, "dtype") else np.asarray(column).dtype
+                    if not np.issubdtype(dtype, np.integer):
                         raise TypeError(
-                            f"Trainer: {name} has dtype {np.asarray(column).dtype}; the language-model loss needs "
+                            f"Trainer: {name} has dtype {dtype}; the language-model loss needs "
                             "integer token ids (e.g. zerojax.data.text_dataset), or pass your own loss_fn."
                         )
         self.args = dataclasses.replace(args, train_dataset_size=num_examples(train_dataset))
+        if self.args.train_dataset_size is None and self.args.max_steps <= 0:
+            raise ValueError("Trainer: an iterable train_dataset has no length to count epochs by; set "
+                             "TrainingArguments.max_steps.")
         config = self.args.deepspeed if self.args.deepspeed is not None else DEFAULT_CONFIG
         self.config = load_config(config, training_args=self.args, model_config=hf_config, world_size=len(devices))
         self.mesh = make_mesh(devices=devices, **self.config.mesh_shape(len(devices)))
@@ -125,7 +137,12 @@ class Trainer:
         if scanned is None:
             scanned = stacked_layers(hf_config) if hf_config is not None else ()
         self.loss_fn = loss_fn or causal_lm_loss(self.graphdef, per_token=True)  # every token alike, as HF does
-        self.train_batches = Batches(train_dataset, self.config.train_batch_size, seed=self.args.seed)
+        if loss_fn is None and isinstance(self.loss_fn, TokenLoss):  # the default loss: HF's token weighting
+            self.loss_fn = dataclasses.replace(self.loss_fn, across_ranks=self.args.average_tokens_across_devices)
+        self.train_batches = make_batches(
+            train_dataset, self.config.train_batch_size, name="train_dataset", skip=not self.args.ignore_data_skip,
+            seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
+            shuffle=self.args.train_sampling_strategy != "sequential")
         if self.config.stage == "auto":
             mesh = self.mesh
             if target is not None:
@@ -141,9 +158,19 @@ class Trainer:
         if eval_dataset is not None:
             ranks = self.plan.rules.data_size
             size = num_examples(eval_dataset)
-            per_eval = min(self.args.per_device_eval_batch_size * ranks, size // ranks * ranks)
-            self.eval_batches = Batches(eval_dataset, per_eval, shuffle=False)
+            per_eval = None if size is None else min(self.args.per_device_eval_batch_size * ranks, size // ranks * ranks)
+            self.eval_batches = make_batches(eval_dataset, per_eval, shuffle=False, name="eval_dataset", ranks=ranks,
+                                             eval=True)
         self.max_consecutive_skips = max_consecutive_skips
+        self.callback_handler = CallbackHandler([*default_callbacks(self.args), *(callbacks or [])])
+        self.trainer_state = TrainerState(max_steps=self.total_steps, is_world_process_zero=jax.process_index() == 0,
+                                          steps_per_epoch=getattr(self.train_batches, "steps_per_epoch", None))
+        resolve_intervals(self.args, self.trainer_state)
+        if "epoch" in (self.args.logging_strategy, self.args.eval_strategy, self.args.save_strategy) \
+                and isinstance(self.train_batches, IterableBatches):
+            raise ValueError('Trainer: a strategy of "epoch" needs a train_dataset with a length; an iterable has '
+                             'no epochs (use "steps").')
+        self.args.warn_no_effect(no_effect)
         self.output_dir = Path(self.args.output_dir) if self.args.output_dir else None
         self.history: list[dict] = []
 
@@ -187,12 +214,24 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """`{"eval_loss": mean loss over the whole eval set}` (full batches only)."""
+        """`{"eval_loss": mean loss over the whole eval set (full batches only), "eval_perplexity":
+        exp(eval_loss), "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}`; callbacks'
+        `on_evaluate` get them as `metrics`."""
         if self.eval_batches is None:
             raise ValueError("Trainer.evaluate: no eval_dataset was given to the Trainer.")
-        losses = [float(self.eval_step(self.state.params, self.eval_batches.global_batch(i, self.mesh)))
-                  for i in range(self.eval_batches.steps_per_epoch)]
-        return {"eval_loss": float(np.mean(losses))}
+        start, losses, samples = time.perf_counter(), [], 0
+        for batch in self.eval_batches.epoch(self.mesh):
+            losses.append(float(self.eval_step(self.state.params, batch)))
+            samples += len(next(iter(batch.values())))
+        if not losses:
+            raise ValueError("Trainer.evaluate: the eval_dataset gave no batch.")
+        loss, runtime = float(np.mean(losses)), time.perf_counter() - start
+        metrics = {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 700.0))),
+                   "eval_runtime": round(runtime, 4), "eval_samples_per_second": round(samples / max(runtime, 1e-9), 3),
+                   "eval_steps_per_second": round(len(losses) / max(runtime, 1e-9), 3)}
+        self.control = self.callback_handler.call("on_evaluate", self.args, self.trainer_state,
+                                                  getattr(self, "control", TrainerControl()), metrics=metrics)
+        return metrics
 
     # --- training -------------------------------------------------------------------------------
     def _checkpoints(self) -> CheckpointManager | None:
@@ -210,6 +249,9 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
+        self.trainer_state.log_history.append(record)
+        self.control = self.callback_handler.call("on_log", self.args, self.trainer_state,
+                                                  getattr(self, "control", TrainerControl()), logs=record)
         if self.output_dir is not None and jax.process_index() == 0:
             with file_write_errors(self.output_dir / "metrics.jsonl"):
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -250,11 +292,16 @@ class Trainer:
                 self.state = manager.restore_latest_good(self.plan, set_aside=True).state
             else:
                 self.state = manager.restore(self.plan, step).state
-        args, total = self.args, self.total_steps
-        every = lambda n, s: bool(n) and n > 0 and (s + 1) % int(n) == 0
+        args, total, state, handler = self.args, self.total_steps, self.trainer_state, self.callback_handler
         tokens = self.config.train_batch_size * int(np.prod(np.shape(self.train_batches.batch(0)[self.train_batches.key])[1:]))
         start, metrics, loss, interrupted = int(self.state.step), {}, float("nan"), False
-        bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0 or bool(args.disable_tqdm), desc="train",
+                   dynamic_ncols=True)
+        state.global_step = start
+        self.control = handler.call("on_train_begin", args, state, TrainerControl())
+        if args.eval_on_start and self.eval_batches is not None and start == 0:
+            metrics = self.evaluate()
+            self._log({"step": 0, **metrics})
         tick, last, skips_in_a_row = time.perf_counter(), start, 0
         with _StopOnSignal() as stop:
             for s in range(start, total):
@@ -266,7 +313,16 @@ class Trainer:
                         f"gradients and were skipped (loss scale {float(out['loss_scale'])}); lower the "
                         "learning rate, check the data, or resume from an earlier checkpoint."
                     )
-                if every(args.logging_steps, s) or s + 1 == total or s == start:
+                state.global_step, spe = s + 1, state.steps_per_epoch
+                state.epoch = (s + 1) / spe if spe else 0.0
+                control = handler.call("on_step_end", args, state, self.control, first=s == start)
+                if spe and (s + 1) % spe == 0:
+                    control = handler.call("on_epoch_end", args, state, control)
+                self.control = control
+                if s + 1 == total:
+                    loss = float(out["loss"])
+                if control.should_log:
+                    control.should_log = False
                     loss = float(out["loss"])
                     elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                     rate = tokens * (s + 1 - last) / max(elapsed, 1e-9)
@@ -280,17 +336,27 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", **({"mem_gib": memory} if memory else {}))
-                if self.eval_batches is not None and (every(args.eval_steps, s) or s + 1 == total):
-                    metrics = self.evaluate()
+                if control.should_evaluate and self.eval_batches is not None:
+                    metrics = self.evaluate()  # its callbacks may change self.control (early stopping)
+                    control = self.control
                     self._log({"step": s + 1, **metrics})
+                    if args.save_strategy == "best" and improved(args, state, metrics):
+                        control.should_save = True
+                control.should_evaluate = False
                 stopping = stop.agreed()
-                if manager is not None and (every(args.save_steps, s) or s + 1 == total or stopping):
+                asked_to_stop = control.should_training_stop and s + 1 < total  # by a callback
+                if manager is not None and args.save_strategy != "no" and (control.should_save or stopping
+                                                                            or asked_to_stop):
                     self._save(manager, metrics if manager.options.metric_for_best_model else None)
+                    control = handler.call("on_save", args, state, control)
+                control.should_save = False
+                self.control = control
                 bar.update(1)
-                if stopping:
+                if stopping or asked_to_stop:
                     interrupted = True
                     break
         bar.close()
+        self.control = handler.call("on_train_end", args, state, self.control)
         if manager is not None:
             manager.wait()
             if args.load_best_model_at_end and not interrupted:
@@ -330,6 +396,21 @@ class Trainer:
         dtype = dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(self.plan.precision.compute_dtype.name, "fp32")
         save_model(self.state, self.hf_config, out, dtype=dtype, overwrite=overwrite)
         return out
+
+
+def _gradient_checkpointing(model: Any, args: TrainingArguments) -> list[tuple[str, str]]:
+    """`gradient_checkpointing` (or `activation_checkpointing`): every layer of the model rematerialised in the
+    backward pass. A model built with a `remat` attribute (the bundled Llama and GPT-2) gets `remat="full"`
+    unless it already has a policy; for any other model it is named in the no-effect warning (wrap its
+    layers in `nnx.remat` / `jax.checkpoint` yourself). Returns the (field, why) pairs for that warning."""
+    if not args.gradient_checkpointing_enabled:
+        return []
+    name = "activation_checkpointing" if args.activation_checkpointing else "gradient_checkpointing"
+    if not hasattr(model, "remat"):
+        return [(name, f"{type(model).__name__} has no remat attribute; wrap its layers in nnx.remat yourself")]
+    if model.remat is None:
+        model.remat = "full"
+    return []
 
 
 def learning_rate(state: TrainState) -> float:
