@@ -36,7 +36,6 @@ from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, default_callbacks, improved,
                                resolve_intervals)
 from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
-from zerojax.loss import TokenLoss
 from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
 from zerojax.mesh import DATA_AXES, make_mesh
 from zerojax.models import causal_lm_loss, stacked_layers
@@ -110,7 +109,9 @@ class Trainer:
                  device_memory: int | str | None = None, target=None, callbacks: list | None = None):
         devices = list(devices or jax.devices())
         no_effect = _gradient_checkpointing(model, args)  # before the model is split: remat is static
-        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.graphdef, params, other = nnx.split(model, nnx.Param, ...)
+        # a model with RNG streams (dropout) trains with a key folded per step, rank and micro-batch
+        self.key = jax.random.key(args.seed) if jax.tree.leaves(nnx.state(model, nnx.RngState)) else None
         self.hf_config = hf_config
         train_dataset, eval_dataset = (as_columns(data, name=name, remove_unused_columns=args.remove_unused_columns)
                                        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)))
@@ -136,9 +137,10 @@ class Trainer:
         tx = self.config.optimizer(total_steps=self.total_steps, weight_decay_mask=decay_mask(params))
         if scanned is None:
             scanned = stacked_layers(hf_config) if hf_config is not None else ()
-        self.loss_fn = loss_fn or causal_lm_loss(self.graphdef, per_token=True)  # every token alike, as HF does
-        if loss_fn is None and isinstance(self.loss_fn, TokenLoss):  # the default loss: HF's token weighting
-            self.loss_fn = dataclasses.replace(self.loss_fn, across_ranks=self.args.average_tokens_across_devices)
+        self.loss_fn = loss_fn
+        if loss_fn is None:  # next-token cross-entropy, every token alike as in HF (its RNG streams: dropout)
+            default = causal_lm_loss(self.graphdef, per_token=True, other=other if jax.tree.leaves(other) else None)
+            self.loss_fn = dataclasses.replace(default, across_ranks=self.args.average_tokens_across_devices)
         self.train_batches = make_batches(
             train_dataset, self.config.train_batch_size, name="train_dataset", skip=not self.args.ignore_data_skip,
             seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
@@ -152,7 +154,7 @@ class Trainer:
             memory = _memory_budget(devices[0], device_memory)
             self.config = self._choose_stage(params, tx, scanned, memory, mesh)
         self.plan, self.train_step = self._build(self.config, params, tx, scanned)
-        self.eval_step = make_eval_step(self.loss_fn, self.plan)
+        self.eval_step = make_eval_step(self.loss_fn, self.plan, rng=self.key is not None)
         self.state: TrainState = init_state(params, self.plan)
         self.eval_batches = None
         if eval_dataset is not None:
@@ -178,7 +180,8 @@ class Trainer:
         """The plan and train step of `config` (its stage resolved) on `mesh` (default: the Trainer's)."""
         plan = make_plan(params, tx, config.zero_rules(mesh or self.mesh), config.precision(), scanned=scanned,
                          offload=config.offload())
-        return plan, make_train_step(self.loss_fn, plan, micro_batches=config.gradient_accumulation_steps,
+        return plan, make_train_step(self.loss_fn, plan, rng=self.key is not None,
+                                     micro_batches=config.gradient_accumulation_steps,
                                      max_grad_norm=config.gradient_clipping)
 
     def _choose_stage(self, params: Any, tx, scanned: tuple, device_memory: int, mesh) -> ZeroConfig:
@@ -305,7 +308,8 @@ class Trainer:
         tick, last, skips_in_a_row = time.perf_counter(), start, 0
         with _StopOnSignal() as stop:
             for s in range(start, total):
-                self.state, out = self.train_step(self.state, self.train_batches.global_batch(s, self.mesh))
+                batch = self.train_batches.global_batch(s, self.mesh)
+                self.state, out = self.train_step(self.state, batch, *(() if self.key is None else (self.key,)))
                 skips_in_a_row = skips_in_a_row + 1 if bool(out["skipped"]) else 0
                 if skips_in_a_row >= self.max_consecutive_skips:
                     raise FloatingPointError(
