@@ -471,6 +471,18 @@ def _tiny_trainer(output_dir):
     return Trainer(model, args, data, hf_config=TINY)
 
 
+def test_save_model_onto_the_run_folder_is_refused(tmp_path):
+    """`Trainer.save_model(output_dir, overwrite=True)` would replace the run's checkpoints by the export."""
+    trainer = _tiny_trainer(tmp_path)
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    for out in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "1"):
+        with pytest.raises(ValueError, match=r"^Trainer.save_model: the output folder .* (contains|is|is inside) the "
+                                             r"folder .*checkpoints'"):
+            trainer.save_model(out, overwrite=True)
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    assert (trainer.save_model(tmp_path / "hf") / "config.json").exists()
+
+
 def test_an_unwritable_metrics_log_is_one_line(tmp_path):
     trainer = _tiny_trainer(tmp_path)
     (tmp_path / "metrics.jsonl").mkdir()

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from zerojax.args import TrainingArguments
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
 from zerojax.checkpoint.errors import file_write_errors
+from zerojax.hf.export import refuse_overlap
 from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, default_callbacks, improved,
                                resolve_intervals)
@@ -397,6 +398,8 @@ class Trainer:
         if self.hf_config is None:
             raise ValueError("Trainer.save_model: pass hf_config to the Trainer to export a Hugging Face folder.")
         out = Path(out_dir) if out_dir is not None else (self.output_dir or Path(".")) / "hf"
+        if self.output_dir is not None:  # replacing the run's checkpoints with an export would lose them
+            refuse_overlap("Trainer.save_model", out, [self.output_dir / "checkpoints"])
         dtype = dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(self.plan.precision.compute_dtype.name, "fp32")
         save_model(self.state, self.hf_config, out, dtype=dtype, overwrite=overwrite)
         return out
