@@ -118,6 +118,23 @@ def test_offloaded_state_saves_restores_into_its_memory_kinds_without_recompilin
     assert step.jitted._cache_size() == 1, "a restored state must hit the compiled step, not recompile it"
 
 
+LAYERED = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+
+def _spy_on_fetch(monkeypatch, module) -> list:
+    """Records the (shape, memory space) of every array `module.fetch` copies to the device, as traced."""
+    fetched, fetch = [], module.fetch
+
+    def spy(x):
+        fetched.append((x.shape, jax.typeof(x).memory_space))
+        return fetch(x)
+
+    monkeypatch.setattr(module, "fetch", spy)
+    return fetched
+
+
 def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch, tmp_path):
     """At stage 3 with parameter offload, a scanned model's stacked parameters stay in host memory
     until the scan copies one layer's shard to the device: same losses as without offload, and the
@@ -128,18 +145,9 @@ def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch,
     from zerojax import gather, models
     from zerojax.checkpoint import save_model
 
-    config = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    config = LAYERED
     graphdef, params = nnx.split(models.from_hf_config(config, seed=0), nnx.Param)
-    fetched = []
-
-    def spy(x):
-        fetched.append((x.shape, jax.typeof(x).memory_space))
-        return fetch(x)
-
-    fetch = gather.fetch
-    monkeypatch.setattr(gather, "fetch", spy)
+    fetched = _spy_on_fetch(monkeypatch, gather)
 
     def run(offload):
         plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
@@ -204,10 +212,6 @@ def test_offloaded_state_larger_than_the_machine_is_refused_before_it_is_allocat
     assert {x.sharding.memory_kind for x in jax.tree.leaves(again.params)} == {"pinned_host"}
 
 
-LAYERED = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
-
 
 @pytest.mark.parametrize("name,tx,elementwise", [
     ("adamw", optax.adamw(1e-3), True), ("adam", optax.adam(1e-3), True), ("lion", optax.lion(1e-3), True),
@@ -231,14 +235,7 @@ def _layered_run(offload, tx, monkeypatch, poison_step=None, stage=3):
     from zerojax import layerwise, models
 
     graphdef, params = nnx.split(models.from_hf_config(LAYERED, seed=0), nnx.Param)
-    fetched = []
-
-    def spy(x):
-        fetched.append((x.shape, jax.typeof(x).memory_space))
-        return fetch(x)
-
-    fetch = layerwise.fetch
-    monkeypatch.setattr(layerwise, "fetch", spy)
+    fetched = _spy_on_fetch(monkeypatch, layerwise)
     loss = models.causal_lm_loss(graphdef)
     plan = zj.make_plan(params, tx, zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(),
                         scanned=("layers",), offload=offload)
