@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Callable
 
@@ -64,11 +65,23 @@ class Outcome:
     ok: bool  # one clear message, no raw internals
 
 
+class _ThisThread(io.StringIO):
+    """Captures what the calling thread writes; other threads' writes (background orbax threads of earlier
+    cases failing late) go on to `fallback`, as they would never reach a fresh `zerojax` process."""
+
+    def __init__(self, fallback):
+        super().__init__()
+        self._thread, self._fallback = threading.get_ident(), fallback
+
+    def write(self, text: str) -> int:
+        return super().write(text) if threading.get_ident() == self._thread else self._fallback.write(text)
+
+
 def cli(*argv: str) -> tuple[int, str]:
     """`zerojax ARGV` in this process: (exit code, stderr)."""
     from zerojax.cli import main
 
-    err, out = io.StringIO(), io.StringIO()
+    err, out = _ThisThread(sys.stderr), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             code = main(list(argv))
