@@ -222,6 +222,7 @@ def test_user_model_exports_through_a_map(tmp_path):
         export_hf({**leaves_by_path(params), "extra": np.zeros(2)}, {}, tmp_path / "x", arch=user_map)
 
 
+@pytest.mark.slow  # the default suite has the same check through the demo's bf16 run (tests/test_tokenizer.py)
 def test_trained_bf16_export_generates_same_tokens(imported, tmp_path):
     """10 ZeRO-3 bf16 steps, exported in bf16: transformers' greedy tokens equal zerojax's."""
     config, _, params = imported["llama"]
