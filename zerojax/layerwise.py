@@ -74,23 +74,18 @@ def update_by_layer(apply: Update, grads: Any, opt_state: Any, master: Any, stac
     Every leaf without a layer axis is updated once, outside the scan, while the stacked ones are
     passed as empty arrays (same rank, no elements), so the update never sees them whole.
     """
-    in_master, in_opt = stacked
-    masks = (in_master, in_opt, in_master)
-    whole = apply(*(_keep(t, m, _empty) for t, m in zip((grads, opt_state, master), (in_master, in_opt, in_master))))
-
-    layers = _layers(master, in_master)
-    xs = [_picked(t, m) for t, m in zip((grads, opt_state, master), (in_master, in_opt, in_master))]
-    placeholders = [_keep(t, m, _placeholder, keep_stacked=False) for t, m in
-                    zip((grads, opt_state, master), (in_master, in_opt, in_master))]
+    inputs, masks = (grads, opt_state, master), (stacked[0], stacked[1], stacked[0])  # grads follow master
+    whole = apply(*(_keep(t, m, _empty) for t, m in zip(inputs, masks)))
+    placeholders = [_keep(t, m, _placeholder, keep_stacked=False) for t, m in zip(inputs, masks)]
 
     def one_layer(_, sliced):
-        trees = [_fill(p, m, [fetch(x)[None] for x in s]) for p, m, s in zip(placeholders, masks, sliced)]
-        out = apply(trees[0], trees[1], trees[2])
+        out = apply(*(_fill(p, m, [fetch(x)[None] for x in s]) for p, m, s in zip(placeholders, masks, sliced)))
         return None, [[jax.device_put(x[0], space) for x, space in zip(_picked(t, m), _picked(sp, m))]
-                      for t, m, sp in zip(out, (in_master, in_opt, in_master), spaces)]
+                      for t, m, sp in zip(out, masks, spaces)]
 
-    _, ys = lax.scan(one_layer, None, xs, length=layers)
-    return tuple(_fill(w, m, y) for w, m, y in zip(whole, (in_master, in_opt, in_master), ys))
+    xs = [_picked(t, m) for t, m in zip(inputs, masks)]
+    _, ys = lax.scan(one_layer, None, xs, length=_layers(master, stacked[0]))
+    return tuple(_fill(w, m, y) for w, m, y in zip(whole, masks, ys))
 
 
 def _empty(x):
@@ -100,7 +95,7 @@ def _empty(x):
 
 def _placeholder(x):
     """What the scan body passes for a leaf without a layer axis: scalars as they are, else empty."""
-    return x if x.ndim == 0 else jnp.zeros((0, *x.shape[1:]), x.dtype)
+    return x if x.ndim == 0 else _empty(x)
 
 
 def _keep(tree, mask, replace, keep_stacked: bool = True):
