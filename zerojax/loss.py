@@ -29,20 +29,17 @@ class TokenLoss:
     across_ranks: bool = True  # False: each rank divides by its own count (average_tokens_across_devices=False)
 
 
-def micro_weights(loss_fn, micro: Any, axes: tuple[str, ...], ranks: int) -> jax.Array | None:
-    """Per micro-batch (leading axis of `micro`, inside the step's `shard_map`): the factor that turns its
-    summed loss into its share of the step's loss, scaled by ranks × micro-batches (the step divides the
-    summed gradients by that); None for a plain mean loss."""
+def token_weight(loss_fn, micro: Any, axes: tuple[str, ...], ranks: int) -> jax.Array | None:
+    """The factor that turns a micro-batch's summed loss into its share of the step's loss (inside the
+    step's `shard_map`, `micro` with the micro-batches on its leading axis), scaled by ranks ×
+    micro-batches (the step divides the summed gradients by that); None for a plain mean loss."""
     if not isinstance(loss_fn, TokenLoss):
         return None
     counts = jax.vmap(lambda b: jnp.asarray(loss_fn.count(b), jnp.float32))(micro)
-    total = jnp.sum(counts)
+    total, share = jnp.sum(counts), counts.shape[0]
     if loss_fn.across_ranks:
-        total = lax.psum(total, axes) if axes else total
-        share = ranks * counts.shape[0]
-    else:
-        share = counts.shape[0]
-    return jnp.full(counts.shape, share, jnp.float32) / jnp.maximum(total, 1.0)
+        total, share = (lax.psum(total, axes) if axes else total), ranks * share
+    return share / jnp.maximum(total, 1.0)
 
 
 def value(loss_fn, args: tuple, weight) -> jax.Array:

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.gather import Sharded
 from zerojax.layerwise import is_elementwise, update_by_layer
-from zerojax.loss import TokenLoss, batch_mean, micro_weights, value
+from zerojax.loss import TokenLoss, batch_mean, token_weight, value
 from zerojax.mesh import DATA_AXES, TENSOR
 from zerojax.offload import HOST_KINDS, on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
@@ -101,11 +101,11 @@ def make_train_step(
     def local_grads(params, batch, scale, key):
         """Per rank: this rank's slice of the summed gradient, in the optimizer layout, and the mean loss."""
         micro = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
-        weights = micro_weights(loss_fn, micro, axes, ranks)
+        weight = token_weight(loss_fn, micro, axes, ranks)  # the same for every micro-batch
         keys = None if key is None else jax.vmap(partial(jax.random.fold_in, jax.random.fold_in(key, _rank(axes))))(
             jnp.arange(micro_batches))
 
-        def grads_of(b, weight, key):
+        def grads_of(b, key):
             """One micro-batch's gradient at the gradient layout's size, in the reduce dtype, and its loss."""
             carriers = _tree(lambda l, h: _carrier(l, reduce_dtype, h, mesh), layouts, per_layer)
 
@@ -120,14 +120,14 @@ def make_train_step(
             return _tree(lambda g, l: _scatter(g, _after_use(l), l.dim), g, layouts), loss
 
         if micro_batches == 1:  # the gradient is the sum: no accumulator beside it
-            grads, loss = grads_of(*jax.tree.map(lambda x: x[0], (micro, weights, keys)))
+            grads, loss = grads_of(*jax.tree.map(lambda x: x[0], (micro, keys)))
         else:
             def accumulate(acc, xs):
                 g, loss = grads_of(*xs)
                 return jax.tree.map(lambda a, g: a + g.astype(accum_dtype), acc, g), loss
 
             zeros = _tree(lambda l: jnp.zeros(_local_shape(l, l.grad_axes, mesh), accum_dtype), layouts)
-            grads, losses = lax.scan(accumulate, zeros, (micro, weights, keys))
+            grads, losses = lax.scan(accumulate, zeros, (micro, keys))
             loss = jnp.mean(losses)
 
         def finish(g, l):

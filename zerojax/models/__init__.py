@@ -145,10 +145,9 @@ def causal_lm_loss(graphdef: nnx.GraphDef, *, per_token: bool = False,
     def count(batch):
         return jnp.sum(targets(batch)[1])
 
-    total = summed if other is not None else lambda params, batch: summed(params, batch)
     if per_token:
-        return TokenLoss(total, count)
-    return lambda params, batch, *key: total(params, batch, *key) / jnp.maximum(count(batch), 1.0)
+        return TokenLoss(summed, count)
+    return lambda params, batch, *key: summed(params, batch, *key) / jnp.maximum(count(batch), 1.0)
 
 
 def generate(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, max_new_tokens: int) -> jax.Array:
