@@ -381,14 +381,14 @@ def _is_num(value: Any) -> bool:
         math.isfinite(value) if isinstance(value, float) else abs(value) <= _MAX_INT)
 
 
+def _optional(check):
+    """`check`, with None also accepted."""
+    return lambda name, value: value is None or check(name, value)
+
+
 def _positive_int(name, value):
     if not _is_int(value) or value < 1:
         _fail(name, value, "must be a positive integer")
-
-
-def _opt_positive_int(name, value):
-    if value is not None:
-        _positive_int(name, value)
 
 
 def _int(lo: int):
@@ -396,11 +396,6 @@ def _int(lo: int):
         if not _is_int(value) or value < lo:
             _fail(name, value, f"must be an integer >= {lo}")
     return check
-
-
-def _opt_int(lo: int):
-    inner = _int(lo)
-    return lambda name, value: value is None or inner(name, value)
 
 
 def _seed(name, value):
@@ -411,11 +406,6 @@ def _seed(name, value):
 def _nonneg(name, value):
     if not _is_num(value) or value < 0:
         _fail(name, value, "must be a finite number >= 0")
-
-
-def _opt_nonneg(name, value):
-    if value is not None:
-        _nonneg(name, value)
 
 
 def _fraction_or_steps(name, value):
@@ -433,19 +423,9 @@ def _bool(name, value):
         _fail(name, value, "must be true or false")
 
 
-def _opt_bool(name, value):
-    if value is not None:
-        _bool(name, value)
-
-
 def _str(name, value):
     if not isinstance(value, str) or len(value) > 4096:
         _fail(name, value, "must be a string (at most 4096 characters)")
-
-
-def _opt_str(name, value):
-    if value is not None:
-        _str(name, value)
 
 
 def _choice(options, optional: bool = False):
@@ -477,6 +457,7 @@ def _types(*types, what: str):
 
 _json = _types(dict, str, what="a dict, a JSON string or null")
 _str_or_list = _types(str, list, tuple, what="a string, a list or null")
+_opt_positive_int, _opt_nonneg, _opt_bool, _opt_str = map(_optional, (_positive_int, _nonneg, _bool, _str))
 _CHECKS: dict[str, Any] = {
     "output_dir": _opt_str, "per_device_train_batch_size": _positive_int, "per_device_eval_batch_size": _positive_int,
     "gradient_accumulation_steps": _positive_int, "num_train_epochs": _nonneg, "max_steps": _int(-1),
