@@ -184,6 +184,17 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def _race(script: str, args: list[str], timeout: int) -> tuple[list, list]:
+    """Runs `script` as writers 0 and 1 at once (`python -c script FOLDER WHO ...`, args[0] the folder);
+    returns each one's pid (its first JSON line) and outcomes (its last)."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, args[0], str(who), *args[1:]], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in (0, 1)]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    return ([json.loads(out.splitlines()[0])["pid"] for out, _ in outputs],
+            [json.loads(out.splitlines()[-1]) for out, _ in outputs])
+
+
 def _owner(manager, step) -> int:
     """The writer (0 or 1) whose every tensor of `step` this is (an error if the step mixes two)."""
     values = {float(v) for leaf in jax.tree.leaves(manager.lazy_weights(step)) for v in np.unique(leaf())}
@@ -198,12 +209,7 @@ def test_two_writers_started_together_20_times_never_mix(tmp_path):
     writes, the other is refused naming the folder and the writer's pid; every step on disk holds only
     the tensors of the run that wrote it, and every folder only that run's steps."""
     runs = 20
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(who), str(runs)], cwd=ROOT, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for who in (0, 1)]
-    outputs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
-    pids = [json.loads(out.splitlines()[0])["pid"] for out, _ in outputs]
-    outcomes = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    pids, outcomes = _race(WRITER, [str(tmp_path), str(runs)], timeout=180)
     locked = 0
     for run in range(runs):
         results = [outcomes[0][run], outcomes[1][run]]
@@ -271,13 +277,7 @@ def test_two_trainers_started_together_20_times_never_mix(tmp_path):
     output_dir at the same instant; one trains and checkpoints, the other is refused; every checkpoint
     on disk holds exactly the weights of the run that trained (as that run recorded them)."""
     runs = 20
-    procs = [subprocess.Popen([sys.executable, "-c", TRAINER_WRITER, str(tmp_path), str(who), str(runs), json.dumps(TINY)],
-                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for who in (0, 1)]
-    outputs = [p.communicate(timeout=1500) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
-    pids = [json.loads(out.splitlines()[0])["pid"] for out, _ in outputs]
-    outcomes = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    pids, outcomes = _race(TRAINER_WRITER, [str(tmp_path), str(runs), json.dumps(TINY)], timeout=1500)
     locked = 0
     for run in range(runs):
         results = [outcomes[0][run], outcomes[1][run]]
