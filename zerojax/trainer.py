@@ -166,6 +166,7 @@ class Trainer:
                                              eval=True)
         self.max_consecutive_skips = max_consecutive_skips
         self.callback_handler = CallbackHandler([*default_callbacks(self.args), *(callbacks or [])])
+        self.control = TrainerControl()  # what the callbacks asked for last
         self.trainer_state = TrainerState(max_steps=self.total_steps, is_world_process_zero=jax.process_index() == 0,
                                           steps_per_epoch=getattr(self.train_batches, "steps_per_epoch", None))
         resolve_intervals(self.args, self.trainer_state)
@@ -234,7 +235,7 @@ class Trainer:
                    "eval_runtime": round(runtime, 4), "eval_samples_per_second": round(samples / max(runtime, 1e-9), 3),
                    "eval_steps_per_second": round(len(losses) / max(runtime, 1e-9), 3)}
         self.control = self.callback_handler.call("on_evaluate", self.args, self.trainer_state,
-                                                  getattr(self, "control", TrainerControl()), metrics=metrics)
+                                                  self.control, metrics=metrics)
         return metrics
 
     # --- training -------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class Trainer:
         self.history.append(record)
         self.trainer_state.log_history.append(record)
         self.control = self.callback_handler.call("on_log", self.args, self.trainer_state,
-                                                  getattr(self, "control", TrainerControl()), logs=record)
+                                                  self.control, logs=record)
         if self.output_dir is not None and jax.process_index() == 0:
             with file_write_errors(self.output_dir / "metrics.jsonl"):
                 self.output_dir.mkdir(parents=True, exist_ok=True)
