@@ -4,7 +4,7 @@ The names below are imported on first use (PEP 562), so `import zerojax` and the
 `--help` do not load JAX.
 """
 
-import importlib
+from zerojax._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -23,16 +23,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    """A public name, imported from its module the first time it is used."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'zerojax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -11,7 +11,7 @@ from zerojax.args import TrainingArguments
 from zerojax.config import keys, mapping
 from zerojax.config.auto import AUTO, resolve_batch
 from zerojax.config.errors import ConfigError
-from zerojax.optim import OPTIMIZER_NAMES, OptimizerSpec, SchedulerSpec, check_optimizer, check_scheduler
+from zerojax.config.optimizer import OPTIMIZER_NAMES, OptimizerSpec, SchedulerSpec, check_optimizer, check_scheduler
 
 
 @dataclasses.dataclass(frozen=True)

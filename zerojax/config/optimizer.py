@@ -1,27 +1,24 @@
-"""DeepSpeed optimizers and learning-rate schedulers as optax, with DeepSpeed's exact semantics.
+"""DeepSpeed's `optimizer` and `scheduler` blocks: their parameters and defaults, validation, and the
+optax optimizer a validated block denotes (`zerojax.optim.transforms`, `zerojax.optim.schedules`).
 
 Optimizers: `Adam`/`AdamW` (FusedAdam: `"type": "Adam"` decouples weight decay unless
 `adam_w_mode: false`; `AdamW` always does), `Lamb` (FusedLamb: trust ratio clamped to
 [`min_coeff`, `max_coeff`], bias correction applied to the step size), `Lion`, `Adagrad`, `SGD`
 (`torch.optim.SGD`). Schedulers: `WarmupLR`, `WarmupDecayLR`, `WarmupCosineLR`, `OneCycle` (with its
-momentum cycle) and `LRRangeTest`, plus Hugging Face's `lr_scheduler_type` for configs without a
-scheduler block.
-
-Timing: DeepSpeed sets the scheduler's initial learning rate at construction and calls
-`scheduler.step()` after each optimizer step, so optimizer step `c` (optax's `count`, from 0) runs with
-the scheduler's value at `last_batch_iteration = c - 1`. `ds_schedule` gives the value at an iteration;
-`optax_schedule` applies this shift. Hugging Face's `LambdaLR` schedules run step `c` at `lambda(c)`.
+momentum cycle) and `LRRangeTest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import optax
+
+from zerojax.config.errors import MAX_LISTED, key_text, listed, shown
+from zerojax.config.keys import UNRESOLVED, did_you_mean
+from zerojax.optim.transforms import fused_adam, fused_lamb, torch_adagrad, torch_sgd
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter tables: DeepSpeed's (or torch's) constructor defaults. `None` marks a required parameter.
@@ -80,9 +77,6 @@ def check_params(kind: str, name: str, params: Any, table: Mapping[str, Any], pr
     """`params` with defaults filled and types checked against `table`; problems name `kind.params.key`.
     Numbers come back as the update uses them: counts as int, everything else as float (an int
     hyperparameter would become an int32 array inside optax)."""
-    from zerojax.config.errors import MAX_LISTED, key_text, listed, shown
-    from zerojax.config.keys import UNRESOLVED, did_you_mean
-
     if params is None:
         params = {}
     if not isinstance(params, dict):
@@ -152,232 +146,6 @@ def _param_problem(key: str, value: Any) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Schedules
-
-
-def as_float(x):
-    """`x` as a float array of the default float width (float64 under `jax.enable_x64`)."""
-    return jnp.asarray(x, dtype=jnp.result_type(float))
-
-
-def _warmup_gamma(it, n: int, warmup_type: str):
-    """DeepSpeed's warmup fraction at iteration `it` < n: ln(it+1)/ln(n) (log) or it/n (linear)."""
-    if warmup_type == "log":
-        return jnp.log(jnp.maximum(it + 1, 1.0)) / math.log(n)
-    return it / n
-
-
-def ds_schedule(name: str, params: Mapping[str, Any], base_lr: float) -> Callable:
-    """`lr(iteration)` of DeepSpeed scheduler `name` for iterations >= -1 (-1: the constructor's value).
-
-    `params` are the scheduler's parameters with defaults filled (see `SCHEDULER_PARAMS`); `base_lr` is
-    the optimizer's lr (WarmupLR's default `warmup_max_lr`, WarmupCosineLR's base).
-    """
-    p = dict(params)
-    if name in ("WarmupLR", "WarmupDecayLR"):
-        lo = p["warmup_min_lr"]
-        hi = base_lr if p["warmup_max_lr"] is None else p["warmup_max_lr"]
-        n = max(2, p["warmup_num_steps"])
-        total = p.get("total_num_steps")
-
-        def warmup(it):
-            it = as_float(it)
-            gamma = jnp.where(it < n, _warmup_gamma(it, n, p["warmup_type"]), 1.0)
-            if name == "WarmupDecayLR":
-                gamma = jnp.where(it < n, gamma, jnp.maximum(0.0, (total - it) / max(1.0, total - n)))
-            return jnp.where(it < 0, lo, lo + (hi - lo) * gamma)
-
-        return warmup
-    if name == "WarmupCosineLR":
-        n = max(2, p["warmup_num_steps"])
-        total, wmin, cmin = p["total_num_steps"], p["warmup_min_ratio"], p["cos_min_ratio"]
-
-        def cosine(it):
-            it = as_float(it)
-            warm = wmin + _warmup_gamma(it, n, p["warmup_type"]) * (1.0 - wmin)
-            progress = jnp.minimum(1.0, (it - n + 1) / max(1, total - n))
-            decay = jnp.maximum(0.0, cmin + (1.0 - cmin) * (1 + jnp.cos(math.pi * progress)) / 2)
-            return jnp.where(it < 0, 0.0, base_lr * jnp.where(it < n, warm, decay))
-
-        return cosine
-    if name == "OneCycle":
-        lo, hi = p["cycle_min_lr"], p["cycle_max_lr"]
-        scale, total = _one_cycle_scale(p)
-        decay_steps, rate = p["decay_step_size"], p["decay_lr_rate"]
-        skip = math.isclose(decay_steps, 0) or math.isclose(rate, 0)
-
-        def one_cycle(it):
-            it = as_float(it)
-            cycle = lo + (hi - lo) * scale(it)
-            after = lo if skip else lo / (1 + rate * (it - total + 1) / decay_steps)
-            return jnp.where(it < total, cycle, after)
-
-        return one_cycle
-    if name == "LRRangeTest":
-        lo, size, rate = p["lr_range_test_min_lr"], p["lr_range_test_step_size"], p["lr_range_test_step_rate"]
-        stairs = p["lr_range_test_staircase"]
-
-        def range_test(it):
-            interval = (as_float(it) + 1) / size
-            return lo * (1 + rate * (jnp.floor(interval) if stairs else interval))
-
-        return range_test
-    raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULER_PARAMS)}.")
-
-
-def one_cycle_momentum(params: Mapping[str, Any]) -> Callable:
-    """OneCycle's beta1 at an iteration >= -1: the inverse of the lr cycle, then its decay.
-
-    At construction (-1) DeepSpeed sets `cycle_min_mom`, although the cycle formula gives `cycle_max_mom`.
-    """
-    p = dict(params)
-    lo, hi = p["cycle_min_mom"], p["cycle_max_mom"]
-    scale, total = _one_cycle_scale(p)
-    skip = math.isclose(p["decay_step_size"], 0) or math.isclose(p["decay_mom_rate"], 0)
-
-    def momentum(it):
-        it = as_float(it)
-        cycle = hi - (hi - lo) * scale(it)
-        after = hi if skip else hi * (1 + p["decay_mom_rate"] * (it - total + 1) / p["decay_step_size"])
-        return jnp.where(it < 0, lo, jnp.where(it < total, cycle, after))
-
-    return momentum
-
-
-def _one_cycle_scale(p: Mapping[str, Any]) -> tuple[Callable, float]:
-    """OneCycle's triangular scale factor in [0, 1] at an iteration, and the cycle length."""
-    first = float(p["cycle_first_step_size"])
-    second = first if p["cycle_second_step_size"] is None else float(p["cycle_second_step_size"])
-    total = first + second
-    stairs1 = p["cycle_first_stair_count"]
-    stairs2 = stairs1 if p["cycle_second_stair_count"] is None else p["cycle_second_stair_count"]
-
-    def scale(it):
-        pos = jnp.mod(it + 1, total)  # position in the current cycle: 1 + b/T − floor(1 + b/T) = pos/T
-        rising = pos <= first
-        smooth = jnp.where(rising, pos / first, (total - pos) / second if second > 0 else 0.0)
-        count = jnp.where(rising, stairs1, stairs2)
-        stepped = _stair(jnp.where(rising, pos, total - pos), count, jnp.where(rising, first, second)) / jnp.maximum(
-            count, 1)
-        return jnp.where(count > 0, stepped, smooth)
-
-    return scale, total
-
-
-def _stair(offset, count, size):
-    """floor(offset × count / size), in integers when `size` is whole (the batch offsets always are), so
-    a stair boundary is never lost to float rounding."""
-    int_t = jnp.asarray(0).dtype
-    exact = (offset.astype(int_t) * count) // jnp.maximum(size, 1).astype(int_t)
-    return jnp.where(jnp.floor(size) == size, exact, jnp.floor(offset * count / size))
-
-
-def optax_schedule(name: str, params: Mapping[str, Any], base_lr: float) -> optax.Schedule:
-    """The optax schedule (of `count`, the optimizer steps taken) reproducing DeepSpeed's timing."""
-    lr = ds_schedule(name, params, base_lr)
-    return lambda count: lr(as_float(count) - 1)
-
-
-def hf_schedule(kind: str, lr: float, total_steps: int | None, warmup_steps: int) -> optax.Schedule:
-    """Hugging Face's `lr_scheduler_type` (linear, cosine, constant, constant_with_warmup) as optax."""
-    w = warmup_steps
-    if kind in ("linear", "cosine") and total_steps is None:
-        raise ValueError(
-            f"lr_scheduler_type={kind!r} needs the total step count; set TrainingArguments.max_steps or "
-            "train_dataset_size, or pass total_steps."
-        )
-
-    def schedule(count):
-        c = as_float(count)
-        warm = c / max(1, w)
-        if kind == "constant":
-            return jnp.full_like(c, lr)
-        if kind == "constant_with_warmup":
-            return lr * jnp.where(c < w, warm, 1.0)
-        progress = (c - w) / max(1, total_steps - w)
-        after = (jnp.maximum(0.0, (total_steps - c) / max(1, total_steps - w)) if kind == "linear"
-                 else jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 2.0 * 0.5 * progress))))
-        return lr * jnp.where(c < w, warm, after)
-
-    return schedule
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Update rules optax does not have in DeepSpeed's form
-
-
-def scale_by_adam_uncorrected(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-    """Adam's m / (sqrt(v) + eps) without bias correction (FusedAdam `bias_correction: false`)."""
-
-    def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
-
-    def update(updates, state, params=None):
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
-        out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-        return out, optax.ScaleByAdamState(optax.safe_increment(state.count), mu, nu)
-
-    return optax.GradientTransformation(init, update)
-
-
-def scale_by_ds_lamb(b1: float, b2: float, eps: float, eps_inside_sqrt: bool, weight_decay: float,
-                     bias_correction: bool, max_coeff: float, min_coeff: float) -> optax.GradientTransformation:
-    """DeepSpeed FusedLamb's direction: u = m / denom + wd·p (m, v not bias-corrected), scaled by the
-    per-tensor trust ratio ‖p‖/‖u‖ clamped to [min_coeff, max_coeff] (1 if either norm is 0) and by
-    sqrt(1 − b2^t) / (1 − b1^t) when `bias_correction`."""
-
-    def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("Lamb needs the parameters: call update(grads, state, params).")
-        count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        step = jnp.sqrt(1 - b2**t) / (1 - b1**t) if bias_correction else 1.0
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
-
-        def direction(m, v, p):
-            denom = jnp.sqrt(v + eps) if eps_inside_sqrt else jnp.sqrt(v) + eps
-            u = m / denom + weight_decay * p
-            w_norm, u_norm = jnp.linalg.norm(p.ravel()), jnp.linalg.norm(u.ravel())
-            ok = (w_norm != 0) & (u_norm != 0)
-            coeff = jnp.where(ok, jnp.clip(w_norm / jnp.where(ok, u_norm, 1.0), min_coeff, max_coeff), 1.0)
-            return step * coeff * u
-
-        return jax.tree.map(direction, mu, nu, params), optax.ScaleByAdamState(count, mu, nu)
-
-    return optax.GradientTransformation(init, update)
-
-
-class AdagradState(NamedTuple):
-    """Adagrad's running sum of squared gradients."""
-
-    sum_of_squares: Any
-
-
-def scale_by_torch_adagrad(eps: float) -> optax.GradientTransformation:
-    """torch/DeepSpeed Adagrad: g / (sqrt(Σ g²) + eps), the sum starting at 0 (optax's starts at 0.1)."""
-
-    def init(params):
-        return AdagradState(jax.tree.map(jnp.zeros_like, params))
-
-    def update(updates, state, params=None):
-        acc = jax.tree.map(lambda s, g: s + g * g, state.sum_of_squares, updates)
-        return jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, acc), AdagradState(acc)
-
-    return optax.GradientTransformation(init, update)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Building the optimizer
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
     """A validated DeepSpeed `optimizer` block: canonical `type` and parameters with defaults filled."""
@@ -398,24 +166,18 @@ def _optimizer(kind: str, learning_rate, b1, b2, eps, weight_decay, momentum, fl
                mask) -> optax.GradientTransformation:
     """The update rule `kind` with (possibly scheduled) hyperparameters; `flags` holds the booleans."""
     f = dict(flags)
-    decay = optax.add_decayed_weights(weight_decay, mask)
     if kind in ("adam", "adamw"):
-        moments = optax.scale_by_adam(b1, b2, eps) if f["bias_correction"] else scale_by_adam_uncorrected(b1, b2, eps)
-        decoupled = kind == "adamw" or f["adam_w_mode"]
-        parts = (moments, decay) if decoupled else (decay, moments)
-        return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+        return fused_adam(learning_rate, b1, b2, eps, weight_decay, bias_correction=f["bias_correction"],
+                          decoupled=kind == "adamw" or f["adam_w_mode"], mask=mask)
     if kind == "lamb":
-        return optax.chain(
-            scale_by_ds_lamb(b1, b2, eps, f["eps_inside_sqrt"], weight_decay, f["bias_correction"],
-                             f["max_coeff"], f["min_coeff"]),
-            optax.scale_by_learning_rate(learning_rate),
-        )
+        return fused_lamb(learning_rate, b1, b2, eps, weight_decay, eps_inside_sqrt=f["eps_inside_sqrt"],
+                          bias_correction=f["bias_correction"], max_coeff=f["max_coeff"], min_coeff=f["min_coeff"])
     if kind == "lion":
         return optax.lion(learning_rate, b1, b2, weight_decay=weight_decay, mask=mask)
     if kind == "adagrad":
-        return optax.chain(decay, scale_by_torch_adagrad(eps), optax.scale_by_learning_rate(learning_rate))
+        return torch_adagrad(learning_rate, eps, weight_decay, mask=mask)
     if kind == "sgd":
-        return optax.chain(decay, optax.sgd(learning_rate, momentum or None, nesterov=f["nesterov"]))
+        return torch_sgd(learning_rate, momentum, weight_decay, nesterov=f["nesterov"], mask=mask)
     raise ValueError(f"unknown optimizer {kind!r}")
 
 
@@ -452,8 +214,6 @@ def check_optimizer(block: Any, problems: list[str]) -> OptimizerSpec | None:
     _extra_keys("optimizer", block, problems)
     kind = canonical_optimizer(block.get("type"))
     if kind is None:
-        from zerojax.config.errors import shown
-
         supported = ", ".join(OPTIMIZER_NAMES.values())
         problems.append(
             f"optimizer.type={shown(block.get('type'))} is not supported; use one of {supported} (case-insensitive)."
@@ -482,9 +242,6 @@ def check_scheduler(block: Any, problems: list[str]) -> SchedulerSpec | None:
     _extra_keys("scheduler", block, problems)
     kind = block.get("type")
     if not isinstance(kind, str) or kind not in SCHEDULER_PARAMS:
-        from zerojax.config.errors import shown
-        from zerojax.config.keys import did_you_mean
-
         near = did_you_mean(kind, SCHEDULER_PARAMS) if isinstance(kind, str) else ""
         problems.append(f"scheduler.type={shown(kind)} is not supported{near}; use one of {sorted(SCHEDULER_PARAMS)}.")
         return None
@@ -494,8 +251,6 @@ def check_scheduler(block: Any, problems: list[str]) -> SchedulerSpec | None:
 
 def _extra_keys(kind: str, block: dict, problems: list[str]) -> None:
     """A problem naming the keys of an optimizer/scheduler block other than 'type' and 'params'."""
-    from zerojax.config.errors import listed
-
     extra = sorted(set(block) - {"type", "params"})
     if extra:
         problems.append(f"{kind} has keys {listed(extra)}; it takes only 'type' and 'params' — remove the others.")
