@@ -17,6 +17,7 @@ import json
 import os
 import re
 
+from zerojax._units import byte_count
 from zerojax.hlo import (by_kind, compiled_collectives, compiled_program, host_layout_bytes, lowered_collectives, overlap,
                          rewritten, step_collectives)
 
@@ -45,18 +46,12 @@ PRESETS: dict[str, dict] = {
                 "n_head": 25},
 }
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_bytes(text: str | int, what: str = "device_memory") -> int:
     """`'80GB'` (10^9), `'80GiB'` (2^30), `'512MB'` or a plain integer number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+    size = byte_count(text)
+    if size is None:
         raise ValueError(f"{what}={text!r} is not a memory size; write e.g. 80GB, 80GiB, 512MB or a byte count.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return size
 
 
 def load_model_config(model: str) -> dict:

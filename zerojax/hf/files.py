@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +21,8 @@ from typing import BinaryIO
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+
+from zerojax._units import byte_count
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -36,10 +37,6 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "n_head", "n_inner")
 
 CHUNK_BYTES = 64 * 2**20  # the most `ShardWriter.write` copies at once
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
 
 class HFFormatError(ValueError):
     """A Hugging Face folder or file that import cannot use; the message names the file, the fault and the fix."""
@@ -87,15 +84,13 @@ def check_sizes(config: dict, source: str | Path) -> None:
 
 def size_bytes(size: int | str) -> int:
     """`max_shard_size` as bytes: an int, or a string such as '5GB' (10**9) or '2GiB' (2**30)."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
+    count = byte_count(size)
+    if count is None:
         raise ValueError(
             f"max_shard_size={size!r} is not a size; pass a positive number of bytes or a string such as "
             "'5GB', '500MB' or '2GiB'."
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    return count
 
 
 def shard_names(count: int) -> list[str]:
