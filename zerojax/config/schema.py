@@ -174,7 +174,7 @@ class ZeroConfig:
 
     def xla_flags(self) -> str:
         """The XLA GPU flags for overlap_comm and the bucket sizes (set before JAX starts)."""
-        from zerojax.xla_flags import xla_flags
+        from zerojax.config.xla_flags import xla_flags
 
         return xla_flags(self)
 
