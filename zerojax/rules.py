@@ -25,6 +25,7 @@ from typing import Any, Literal
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from zerojax._paths import path_key
 from zerojax.mesh import DATA_AXES, FSDP
 
 Hierarchy = Literal["none", "mics", "hpz"]
@@ -218,16 +219,3 @@ class ZeroRules:
 
 def is_layout(x: Any) -> bool:
     return isinstance(x, LeafLayout)
-
-
-def path_key(path) -> tuple:
-    """A tree path as plain names and indices, so optax and parameter paths can be compared."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)

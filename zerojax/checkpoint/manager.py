@@ -31,7 +31,7 @@ from zerojax.checkpoint.options import CheckpointOptions, KeepBestAndLatest, bes
 from zerojax.checkpoint.steps import CheckedMetrics, StepsOnly, numbered_folders
 from zerojax.offload import check_host_memory
 from zerojax.plan import TrainState, ZeroPlan
-from zerojax.rules import path_key
+from zerojax._paths import path_key
 
 STATE = "state"
 META = "meta"

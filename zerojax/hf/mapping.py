@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from zerojax.rules import path_key
+from zerojax._paths import path_key
 
 TensorMap = Callable[[str, tuple], Sequence["HFTensor"]]
 
