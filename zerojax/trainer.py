@@ -30,9 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from zerojax.args import TrainingArguments
-from zerojax.checkpoint import CheckpointManager, CheckpointOptions, save_model
-from zerojax.checkpoint.errors import file_write_errors
-from zerojax.hf.export import refuse_overlap
+from zerojax._folders import refuse_overlap
+from zerojax.checkpoint import CheckpointManager, CheckpointOptions, file_write_errors, save_model
 from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, default_callbacks, improved,
                                resolve_intervals)

@@ -46,6 +46,7 @@ from zerojax.checkpoint.errors import (
     CheckpointLockedError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    file_write_errors,
 )
 from zerojax.checkpoint.export import export_checkpoint, save_model
 from zerojax.checkpoint.integrity import INTEGRITY
@@ -56,5 +57,5 @@ from zerojax.checkpoint.options import CheckpointOptions
 __all__ = [
     "INTEGRITY", "CheckpointError", "CheckpointLockedError", "CheckpointManager", "CheckpointOptions",
     "CheckpointWriteError",
-    "CorruptCheckpointError", "LazyTensor", "Restored", "export_checkpoint", "save_model",
+    "CorruptCheckpointError", "LazyTensor", "Restored", "export_checkpoint", "file_write_errors", "save_model",
 ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
+from zerojax._folders import refuse_overlap
 from zerojax.checkpoint.errors import CheckpointError, CheckpointWriteError
 from zerojax.checkpoint.manager import CheckpointManager
 from zerojax.hf import export_hf
-from zerojax.hf.export import refuse_overlap
 from zerojax.plan import TrainState
 
 
