@@ -15,6 +15,8 @@ import math
 import warnings
 from typing import Any
 
+from zerojax._text import shown as _shown
+
 LR_SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
@@ -362,12 +364,6 @@ _TRANSFORMERS4: dict[str, Any] = {
 
 
 # --- validation: every field, one line naming it ----------------------------------------------------------
-def _shown(value: Any) -> str:
-    from zerojax.config.errors import shown  # not at import: zerojax.config imports this module
-
-    return shown(value)
-
-
 def _fail(name: str, value: Any, must: str):
     raise ValueError(f"TrainingArguments: {name}={_shown(value)} {must}.")
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_json_object(path: str, flag: str = "--args") -> dict:
     """The JSON object in `path`, read with the config reader's bounds (size, depth, 64-bit integers)."""
-    from zerojax.config.errors import shown
+    from zerojax._text import shown
     from zerojax.config.loading import MAX_JSON_BYTES, check_tree, int_of, read_text
 
     text = read_text(Path(path), MAX_JSON_BYTES)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-import reprlib
+from zerojax._text import shown
 
 MAX_LISTED = 5  # names a message lists before saying how many more there are
 _MAX_PROBLEMS = 10  # problems a ConfigError lists before saying how many more there are
@@ -25,26 +24,6 @@ class ConfigWarning(UserWarning):
 
 class ConfigDeprecationWarning(FutureWarning):
     """A deprecated DeepSpeed key that zerojax maps to its current name."""
-
-
-class _Short(reprlib.Repr):
-    """`reprlib` that shows an integer of any size by its number of digits."""
-
-    def repr_int(self, x: int, level: int) -> str:
-        if abs(x) < 10**20:
-            return repr(x)
-        return f"<an integer of ~{int(abs(x).bit_length() * math.log10(2)) + 1:,} digits>"
-
-
-_SHORT = _Short()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlevel = 2
-_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 4
-
-
-def shown(value) -> str:
-    """`repr(value)`, at most about 60 characters a string and 4 items a container."""
-    return _SHORT.repr(value)
 
 
 def key_text(name: str) -> str:
