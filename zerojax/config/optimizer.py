@@ -206,12 +206,9 @@ def build_optimizer(spec: OptimizerSpec, schedule: optax.Schedule | None = None,
 
 def check_optimizer(block: Any, problems: list[str]) -> OptimizerSpec | None:
     """The `optimizer` block validated: known type, known parameters, DeepSpeed's defaults filled."""
+    block = _block("optimizer", block, problems)
     if block is None:
         return None
-    if not isinstance(block, dict):
-        problems.append(f"optimizer must be an object with 'type' and 'params', got {type(block).__name__}.")
-        return None
-    _extra_keys("optimizer", block, problems)
     kind = canonical_optimizer(block.get("type"))
     if kind is None:
         supported = ", ".join(OPTIMIZER_NAMES.values())
@@ -234,12 +231,9 @@ def check_optimizer(block: Any, problems: list[str]) -> OptimizerSpec | None:
 
 def check_scheduler(block: Any, problems: list[str]) -> SchedulerSpec | None:
     """The `scheduler` block validated: known type, known parameters, defaults filled."""
+    block = _block("scheduler", block, problems)
     if block is None:
         return None
-    if not isinstance(block, dict):
-        problems.append(f"scheduler must be an object with 'type' and 'params', got {type(block).__name__}.")
-        return None
-    _extra_keys("scheduler", block, problems)
     kind = block.get("type")
     if not isinstance(kind, str) or kind not in SCHEDULER_PARAMS:
         near = did_you_mean(kind, SCHEDULER_PARAMS) if isinstance(kind, str) else ""
@@ -249,8 +243,15 @@ def check_scheduler(block: Any, problems: list[str]) -> SchedulerSpec | None:
     return SchedulerSpec(kind, params)
 
 
-def _extra_keys(kind: str, block: dict, problems: list[str]) -> None:
-    """A problem naming the keys of an optimizer/scheduler block other than 'type' and 'params'."""
+def _block(kind: str, block: Any, problems: list[str]) -> dict | None:
+    """An optimizer/scheduler block to read, or None when absent or not an object; a problem names a
+    block that is not an object, and another the keys it has besides 'type' and 'params'."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        problems.append(f"{kind} must be an object with 'type' and 'params', got {type(block).__name__}.")
+        return None
     extra = sorted(set(block) - {"type", "params"})
     if extra:
         problems.append(f"{kind} has keys {listed(extra)}; it takes only 'type' and 'params' — remove the others.")
+    return block
