@@ -2,8 +2,9 @@
 
 The transforms follow optax's conventions (`optax.tree` utilities, an `init`/`update` pair per state);
 the builders chain them as `optax/_src/alias.py` does. Moments keep DeepSpeed's order of operations,
-b·m + (1 − b)·g and b·v + ((1 − b)·g)·g: `optax.tree.update_moment` computes (1 − b)·g^k + b·m, which
-rounds the second moment differently, and a fused multiply-add on GPU depends on the operand order.
+b·m + (1 − b)·g and b·v + ((1 − b)·g)·g, as its kernels write them: `optax.tree.update_moment` computes
+(1 − b)·g^k + b·m, which rounds differently (compiled for CPU, about a quarter of the elements differ in
+the last bit), so the results would no longer match earlier runs bit for bit.
 """
 
 from __future__ import annotations
