@@ -45,7 +45,7 @@ from zerojax import models
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions
 config, folder = json.loads(sys.argv[1]), sys.argv[2]
 _, params = nnx.split(models.from_hf_config(config), nnx.Param)
-plan = zj.make_plan(params, optax.sgd(0.1), zj.ZeroRules(zj.make_mesh(), stage=3), scanned=models.stacked_layers(config))
+plan = zj.make_plan(params, optax.sgd(0.1), zj.ZeroRules(zj.make_mesh(), stage=3))
 state = zj.init_state(params, plan)
 del params
 with CheckpointManager(folder, CheckpointOptions(save_only_model=True)) as manager:

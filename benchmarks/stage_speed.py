@@ -31,8 +31,7 @@ loss_fn = causal_lm_loss(graphdef)
 batch = {"input_ids": np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (8 * MICRO, SEQ), dtype=np.int32)}
 runs = {}
 for stage in range(4):
-    plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(),
-                        scanned=("layers",))
+    plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16())
     step = zj.make_train_step(loss_fn, plan)
     state = zj.init_state(params, plan)
     for _ in range(2):

@@ -15,7 +15,7 @@ g, params = abstract_model(cfg)
 psi = sum(x.size for x in jax.tree.leaves(params))
 print("psi", psi)
 for stage in range(4):
-    plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(), scanned=("layers",))
+    plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16())
     r = zj.memory_report(plan)
     paper = zj.zero_formula_bytes(stage, psi, n)
     # zerojax's stage 3 holds no 16-bit parameter copy: the fp32 shards are the parameters

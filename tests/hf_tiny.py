@@ -70,8 +70,7 @@ def stage3_plan(config: dict, precision: zj.Precision | None = None, tx=None, st
     at a time."""
     _, abstract = models.abstract_model(config)
     rules = zj.ZeroRules(zj.make_mesh(), stage=stage)
-    return zj.make_plan(abstract, tx or optax.sgd(0.1), rules, precision or zj.Precision.fp32(),
-                        scanned=models.stacked_layers(config))
+    return zj.make_plan(abstract, tx or optax.sgd(0.1), rules, precision or zj.Precision.fp32())
 
 
 jitted_logits = jax.jit(models.logits, static_argnums=0)

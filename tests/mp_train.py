@@ -53,8 +53,7 @@ def train_hf(mesh, src, save, steps=2, batch=8, length=12):
     """Losses of stage-3 training of the Hugging Face model in folder `src`, saved to `save` with its config."""
     config = json.loads((Path(src) / "config.json").read_text())
     graphdef, abstract = models.abstract_model(config)
-    plan = zj.make_plan(abstract, optax.adamw(1e-2), zj.ZeroRules(mesh, stage=3), zj.Precision.fp32(),
-                        scanned=models.stacked_layers(config))
+    plan = zj.make_plan(abstract, optax.adamw(1e-2), zj.ZeroRules(mesh, stage=3), zj.Precision.fp32())
     state = zj.init_state(load_pretrained(src, plan), plan)
     step = zj.make_train_step(models.causal_lm_loss(graphdef), plan)
     rows = zd.process_rows(batch, mesh)

@@ -56,7 +56,7 @@ def _scanned_temp_bytes(stage: int) -> tuple[int, int]:
         return jnp.mean(h.astype(jnp.float32) ** 2)
 
     plan = zj.make_plan(params, optax.adam(1e-3), zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(),
-                        scanned=("w",))
+                        stacked=True)
     step = zj.make_train_step(loss_fn, plan, micro_batches=4)
     batch = {"x": np.zeros((32, dim), np.float32)}
     compiled = step.lower(plan.abstract_state(), batch).compile()

@@ -150,8 +150,7 @@ def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch,
     fetched = _spy_on_fetch(monkeypatch, gather)
 
     def run(offload):
-        plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
-                            scanned=("layers",), offload=offload)
+        plan = zj.make_plan(params, optax.adamw(1e-2), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(), offload=offload)
         state = zj.init_state(params, plan)
         step = zj.make_train_step(models.causal_lm_loss(graphdef), plan)
         losses = []
@@ -237,8 +236,7 @@ def _layered_run(offload, tx, monkeypatch, poison_step=None, stage=3):
     graphdef, params = nnx.split(models.from_hf_config(LAYERED, seed=0), nnx.Param)
     fetched = _spy_on_fetch(monkeypatch, layerwise)
     loss = models.causal_lm_loss(graphdef)
-    plan = zj.make_plan(params, tx, zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(),
-                        scanned=("layers",), offload=offload)
+    plan = zj.make_plan(params, tx, zj.ZeroRules(zj.make_mesh(), stage=stage), zj.Precision.bf16(), offload=offload)
     state = zj.init_state(params, plan)
     step = zj.make_train_step(lambda p, b: loss(p, b) * b["poison"][0], plan, max_grad_norm=1.0)
     snapshots = []
@@ -293,8 +291,7 @@ def test_streamed_offload_keeps_the_whole_tree_update_for_an_optimizer_that_redu
     _, params = nnx.split(models.from_hf_config(LAYERED, seed=0), nnx.Param)
 
     def by_layer(tx, offload):
-        plan = zj.make_plan(params, tx, zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
-                            scanned=("layers",), offload=offload)
+        plan = zj.make_plan(params, tx, zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(), offload=offload)
         return step_module._stacked_offloaded(plan) is not None
 
     assert by_layer(optax.adamw(1e-2), zj.Offload("pinned_host"))

@@ -86,7 +86,7 @@ def test_scanned_layers_gathered_in_model_match_single_device(stage, replica, hi
     def run(devices, stage, replica=1, hierarchy="none"):
         mesh = zj.make_mesh(replica=replica, devices=devices)
         rules = zj.ZeroRules(mesh, stage=stage, hierarchy=hierarchy)
-        plan = zj.make_plan(params, optax.adam(1e-2), rules, scanned=("layers",))
+        plan = zj.make_plan(params, optax.adam(1e-2), rules, stacked={"layers": True, "out": False})
         state = zj.init_state(params, plan)
         step = zj.make_train_step(loss_fn, plan, micro_batches=2)
         out = []

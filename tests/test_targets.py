@@ -48,7 +48,7 @@ def compile_case(model, target: str, case: str):
     stage, shape, hierarchy, precision, micro, offload = CASES[case]
     mesh = zj.make_mesh(devices=targets.TARGETS[target].devices(8), **shape)
     rules = zj.ZeroRules(mesh, stage=stage, hierarchy=hierarchy)
-    plan = zj.make_plan(params, optax.adamw(1e-4), rules, precision, scanned=("layers",), offload=offload)
+    plan = zj.make_plan(params, optax.adamw(1e-4), rules, precision, offload=offload)
     batch = jax.ShapeDtypeStruct((micro * plan.rules.data_size, SEQ), jax.numpy.int32,
                                  sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(zj.DATA_AXES)))
     step = zj.make_train_step(causal_lm_loss(graphdef), plan, micro_batches=micro, max_grad_norm=1.0)

@@ -78,8 +78,7 @@ def zerojax_run(data: dict, tmp_path, per_token: bool) -> tuple[np.ndarray, dict
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, LR, WARMUP), optax.linear_schedule(LR, 0.0, STEPS - WARMUP)], [WARMUP])
     tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WD, mask=decay_mask(abstract))
-    plan = zj.make_plan(abstract, tx, zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision(),
-                        scanned=models.stacked_layers(config))
+    plan = zj.make_plan(abstract, tx, zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision())
     state = zj.init_state(load_pretrained(tmp_path / "init", plan.param_shardings), plan)
     step = zj.make_train_step(models.causal_lm_loss(graphdef, per_token=per_token), plan, micro_batches=ACCUM,
                               max_grad_norm=1.0)

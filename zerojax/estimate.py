@@ -298,7 +298,7 @@ def _plan(graph_params, stage: int, devices, offload_optimizer: bool, offload_pa
     mesh = zj.make_mesh(devices=devices)
     precision = zj.Precision.bf16(accum_dtype=grad_accum_dtype)
     return zj.make_plan(graph_params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=stage), precision,
-                        scanned=("layers",), offload=offload)
+                        offload=offload)
 
 
 def _devices(n: int, target=None):

@@ -120,15 +120,18 @@ def make_plan(
     rules: ZeroRules,
     precision: Precision = Precision(),
     base_specs: Any = None,
-    scanned: tuple = (),
+    stacked: Any = None,
     offload: Offload | None = None,
 ) -> ZeroPlan:
-    """Lays out a run: `params` (arrays or ShapeDtypeStructs) under `rules`, optimized by `tx`.
+    """Lays out a run: `params` (arrays or ShapeDtypeStructs, plain or an `nnx.State`) under `rules`,
+    optimized by `tx`.
 
-    `scanned` names the stacked-layer subtrees by path prefix (e.g. `("layers",)` or
-    `(("model", "layers"),)`): their leading axis is the layer axis, and at stage 3 the model gathers
-    them one layer at a time with `zerojax.gather_on_use` inside its scan. `offload` keeps optimizer
-    state (and, at stage 3, parameter shards) in host memory between steps.
+    The parameters state their structure (`zerojax.structure`): an `nnx.Param` built with
+    `stacked=True` has a leading layer axis, which at stage 3 the model gathers one layer at a time
+    with `zerojax.gather_on_use` inside its scan, and its `out_sharding` names are kept as its
+    tensor-parallel spec. For a plain pytree (Linen) `stacked` says which leaves are stacked: a bool or a
+    pytree prefix of bools (`{"layers": True, "head": False}`); `base_specs` overrides the specs.
+    `offload` keeps optimizer state (and, at stage 3, parameter shards) in host memory between steps.
     """
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
@@ -148,11 +151,10 @@ def make_plan(
             f"make_plan: parameter offload keeps stage-3 parameter shards in host memory, but stage="
             f"{rules.stage}; use stage 3 or drop offload_param."
         )
-    scanned = tuple((p,) if isinstance(p, (str, int)) else tuple(p) for p in scanned)
     dtype = precision.compute_dtype if _keeps_master(rules, precision, offload) else precision.master_dtype
     held = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
     master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.master_dtype), params)
-    layouts = rules.layouts(held, base_specs, scanned)
+    layouts = rules.layouts(held, base_specs, stacked)
     opt_state = jax.eval_shape(tx.init, master)
     opt_layouts = rules.opt_state_layouts(opt_state, master, layouts)
     return ZeroPlan(rules, precision, tx, layouts, opt_layouts, held, offload)

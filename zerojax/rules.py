@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from zerojax._paths import path_key
 from zerojax.mesh import DATA_AXES, FSDP
+from zerojax.structure import model_specs, stacked_leaves
 
 Hierarchy = Literal["none", "mics", "hpz"]
 STAGES = (0, 1, 2, 3)
@@ -165,28 +166,25 @@ class ZeroRules:
             param, note = (), "parameter persistent (below persistence threshold)"
         return LeafLayout(shape, entries, dim, param, grad, opt, note, stacked)
 
-    def layouts(self, params: Any, base_specs: Any = None, scanned: tuple[tuple, ...] = ()) -> Any:
-        """The `LeafLayout` of every leaf of `params` (arrays or `jax.ShapeDtypeStruct`s).
+    def layouts(self, params: Any, base_specs: Any = None, stacked: Any = None) -> Any:
+        """The `LeafLayout` of every leaf of `params` (arrays or `jax.ShapeDtypeStruct`s, plain or in an
+        `nnx.State`), as the parameters state their own structure (`zerojax.structure`).
 
-        `base_specs` is an optional matching tree of `PartitionSpec`s (e.g. from
-        `flax.nnx.get_partition_spec`) whose axes are kept; ZeRO axes go to another dimension.
-        Leaves under a path prefix in `scanned` are stacked layers (see `layout`).
+        `base_specs` is an optional matching tree of `PartitionSpec`s whose axes are kept (ZeRO axes go to
+        another dimension); None reads each `nnx.Param`'s `out_sharding` metadata. `stacked` (a bool or a
+        pytree prefix of bools) marks the leaves with a leading layer axis; None reads each `nnx.Param`'s
+        `stacked` metadata (see `layout`).
         """
-        stacked = lambda path: any(path_key(path)[: len(p)] == tuple(p) for p in scanned)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        if base_specs is None:
-            specs = [None] * len(leaves)
-        else:
-            try:
-                specs = treedef.flatten_up_to(base_specs)
-            except (ValueError, TypeError) as e:
-                raise ValueError(
-                    f"ZeroRules.layouts: base_specs does not match the parameter tree ({e}); pass one "
-                    "PartitionSpec (or None) per parameter, e.g. nnx.get_partition_spec(state)."
-                ) from None
-        return treedef.unflatten(
-            [self.layout(x.shape, spec, stacked(path)) for (path, x), spec in zip(leaves, specs)]
-        )
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        flags = stacked_leaves(params, stacked)
+        try:
+            specs = treedef.flatten_up_to(model_specs(params) if base_specs is None else base_specs)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"ZeroRules.layouts: base_specs does not match the parameter tree ({e}); pass one "
+                "PartitionSpec (or None) per parameter, e.g. nnx.get_partition_spec(state)."
+            ) from None
+        return treedef.unflatten([self.layout(x.shape, spec, flag) for x, spec, flag in zip(leaves, specs, flags)])
 
     def shardings(self, layouts: Any, which: Literal["param", "grad", "opt"]) -> Any:
         """`NamedSharding`s of one copy (`param`, `grad` or `opt`) for a tree of layouts."""

@@ -38,7 +38,7 @@ from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, de
 from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
 from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
 from zerojax.mesh import DATA_AXES, make_mesh
-from zerojax.models import causal_lm_loss, stacked_layers
+from zerojax.models import causal_lm_loss
 from zerojax.plan import TrainState, init_state, make_plan
 from zerojax.step import make_eval_step, make_train_step
 from zerojax.targets import resolve as resolve_target
@@ -93,8 +93,8 @@ class Trainer:
     `model`: an `nnx.Module` (its `nnx.Param` state is trained); `hf_config`: the model's Hugging Face
     config dict (for "auto" bucket sizes and `save_model`); `loss_fn(params, batch)` or a
     `zerojax.TokenLoss`: defaults to next-token cross-entropy with every target token of the global batch
-    weighing the same (labels of -100 and padding excluded), as Hugging Face's Trainer does; `scanned`: path prefixes of stacked layers gathered one at a time
-    (default: the bundled models' stacked layers when `hf_config` is given, else none);
+    weighing the same (labels of -100 and padding excluded), as Hugging Face's Trainer does (the layers the
+    model marks `nnx.Param(..., stacked=True)` are gathered one at a time, `zerojax.structure`);
     `max_consecutive_skips`: steps in a row skipped for non-finite gradients before training stops with
     an error instead of silently diverging; `device_memory` (bytes or a size such as "80GB"): what
     `zero_optimization.stage: "auto"` must fit per device, by default the device's own limit (CPU
@@ -105,7 +105,7 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, args: TrainingArguments, train_dataset: Any, eval_dataset: Any = None,
                  *, hf_config: dict | None = None, loss_fn: Callable | None = None,
-                 devices: list | None = None, scanned: tuple | None = None, max_consecutive_skips: int = 20,
+                 devices: list | None = None, max_consecutive_skips: int = 20,
                  device_memory: int | str | None = None, target=None, callbacks: list | None = None):
         devices = list(devices or jax.devices())
         no_effect = _gradient_checkpointing(model, args)  # before the model is split: remat is static
@@ -135,8 +135,6 @@ class Trainer:
         self.mesh = make_mesh(devices=devices, **self.config.mesh_shape(len(devices)))
         self.total_steps = self.args.total_steps(len(devices))
         tx = self.config.optimizer(total_steps=self.total_steps, weight_decay_mask=decay_mask(params))
-        if scanned is None:
-            scanned = stacked_layers(hf_config) if hf_config is not None else ()
         self.loss_fn = loss_fn
         if loss_fn is None:  # next-token cross-entropy, every token alike as in HF (its RNG streams: dropout)
             default = causal_lm_loss(self.graphdef, per_token=True, other=other if jax.tree.leaves(other) else None)
@@ -152,8 +150,8 @@ class Trainer:
                 mesh = make_mesh(devices=target.devices(len(devices)), **self.config.mesh_shape(len(devices)))
                 device_memory = device_memory or target.memory_bytes
             memory = _memory_budget(devices[0], device_memory)
-            self.config = self._choose_stage(params, tx, scanned, memory, mesh)
-        self.plan, self.train_step = self._build(self.config, params, tx, scanned)
+            self.config = self._choose_stage(params, tx, memory, mesh)
+        self.plan, self.train_step = self._build(self.config, params, tx)
         self.eval_step = make_eval_step(self.loss_fn, self.plan, rng=self.key is not None)
         self.state: TrainState = init_state(params, self.plan)
         self.eval_batches = None
@@ -177,15 +175,15 @@ class Trainer:
         self.output_dir = Path(self.args.output_dir) if self.args.output_dir else None
         self.history: list[dict] = []
 
-    def _build(self, config: ZeroConfig, params: Any, tx, scanned: tuple, mesh=None):
+    def _build(self, config: ZeroConfig, params: Any, tx, mesh=None):
         """The plan and train step of `config` (its stage resolved) on `mesh` (default: the Trainer's)."""
-        plan = make_plan(params, tx, config.zero_rules(mesh or self.mesh), config.precision(), scanned=scanned,
+        plan = make_plan(params, tx, config.zero_rules(mesh or self.mesh), config.precision(),
                          offload=config.offload())
         return plan, make_train_step(self.loss_fn, plan, rng=self.key is not None,
                                      micro_batches=config.gradient_accumulation_steps,
                                      max_grad_norm=config.gradient_clipping)
 
-    def _choose_stage(self, params: Any, tx, scanned: tuple, device_memory: int, mesh) -> ZeroConfig:
+    def _choose_stage(self, params: Any, tx, device_memory: int, mesh) -> ZeroConfig:
         """`zero_optimization.stage: "auto"`: compiles this Trainer's step ahead of time (nothing allocated)
         on `mesh` for each of the config's stage options, cheapest first, and takes the first whose compiled
         peak bytes per device fit `device_memory`; prints the choice and every peak it compiled (an option
@@ -196,7 +194,7 @@ class Trainer:
         for option in self.config.stage_options():
             config = self.config.with_stage(*option)
             try:
-                plan, step = self._build(config, params, tx, scanned, mesh)
+                plan, step = self._build(config, params, tx, mesh)
             except ValueError as e:  # e.g. host offload on compile-only CUDA devices
                 peaks.append(f"{option_name(*option)} not compiled: {e}")
                 continue

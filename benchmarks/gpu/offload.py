@@ -67,7 +67,7 @@ def run_steps(config: dict, offload, seq: int, batch: int, steps: int) -> list[f
         abstract = nnx.eval_shape(lambda: from_hf_config(config, remat="full"))
     graphdef, shapes = nnx.split(abstract, nnx.Param)
     plan = zj.make_plan(shapes, optax.adamw(1e-4), zj.ZeroRules(zj.make_mesh(devices=jax.devices()[:1]), stage=3),
-                        zj.Precision.bf16(), scanned=("layers",), offload=offload)
+                        zj.Precision.bf16(), offload=offload)
     leaves, treedef = jax.tree.flatten(shapes)
 
     def init():  # random weights made inside init_state's program, straight into their placement

@@ -48,7 +48,7 @@ SMALL = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 512, "interme
 
 def zerojax_step(graphdef, params, devices, lr=1e-4):
     plan = zj.make_plan(params, optax.adamw(lr), zj.ZeroRules(zj.make_mesh(devices=devices), stage=3),
-                        zj.Precision.bf16(), scanned=("layers",))
+                        zj.Precision.bf16())
     return zj.make_train_step(causal_lm_loss(graphdef), plan, max_grad_norm=1.0), plan
 
 

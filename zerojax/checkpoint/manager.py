@@ -16,7 +16,6 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.experimental import multihost_utils
 
-from zerojax import models
 from zerojax.checkpoint import integrity
 from zerojax.checkpoint.errors import (
     CheckpointError,
@@ -32,6 +31,7 @@ from zerojax.checkpoint.steps import CheckedMetrics, StepsOnly, numbered_folders
 from zerojax.offload import check_host_memory
 from zerojax.plan import TrainState, ZeroPlan
 from zerojax._paths import path_key
+from zerojax.structure import stacked_leaves
 
 STATE = "state"
 META = "meta"
@@ -157,7 +157,7 @@ class CheckpointManager:
         with write_errors(self, step):
             saved = self._mngr.save(
                 step,
-                args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree, save_args=_save_args(tree, hf_config)),
+                args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(tree, save_args=_save_args(tree)),
                                            META: ocp.args.JsonSave(meta)}),
                 metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
                 force=True,
@@ -462,14 +462,14 @@ def _writer_lock(directory: str) -> WriterLock | None:
     return lock
 
 
-def _save_args(tree: dict, hf_config: dict | None) -> dict:
-    """Orbax save arguments for `tree`: when the model is known (`hf_config`), its stacked-layer weights
-    are stored one chunk per layer and shard, so an export reads one layer without decoding the stack."""
-    prefixes = [tuple(p.split(".")) for p in models.stacked_layers(hf_config)] if hf_config else []
+def _save_args(tree: dict) -> dict:
+    """Orbax save arguments for `tree`: the weights of stacked layers (`nnx.Param(..., stacked=True)`,
+    `zerojax.structure`) are stored one chunk per layer and shard, so an export reads one layer without
+    decoding the stack."""
+    stacked = iter(stacked_leaves(tree))
 
     def args(path, x):
-        key = path_key(path)
-        layered = key[0] in ("params", "master") and any(key[1:1 + len(p)] == p for p in prefixes) and x.ndim > 1
+        layered = next(stacked) and path_key(path)[0] in ("params", "master") and x.ndim > 1
         return ocp.SaveArgs(shard_axes=(0,) if layered else ())
 
     return jax.tree_util.tree_map_with_path(args, tree)

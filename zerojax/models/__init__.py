@@ -87,11 +87,6 @@ def tensor_map(config: dict) -> TensorMap:
     return ARCHS[model_type(config)][2]
 
 
-def stacked_layers(config: dict) -> tuple[str, ...]:
-    """Path prefixes of the model's stacked-layer subtrees (`make_plan(..., scanned=...)`)."""
-    return ("h",) if model_type(config) == "gpt2" else ("layers",)
-
-
 def merge(graphdef: nnx.GraphDef, params: Any, other: Any = None, key: jax.Array | None = None) -> nnx.Module:
     """The model from its parameters and the rest of its state (`other`, as `nnx.split(model, nnx.Param,
     ...)` leaves it: RNG streams). With `key` every RNG stream is reseeded from it (training: dropout
@@ -173,5 +168,5 @@ def generate(graphdef: nnx.GraphDef, params: Any, input_ids: jax.Array, max_new_
 
 __all__ = [
     "ARCHITECTURES", "ARCHS", "abstract_model", "causal_lm_loss", "from_hf_config", "generate", "gpt2",
-    "llama", "logits", "merge", "model_type", "stacked_layers", "tensor_map",
+    "llama", "logits", "merge", "model_type", "tensor_map",
 ]

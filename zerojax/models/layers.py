@@ -2,7 +2,9 @@
 leading layer axis, and the loop that runs a stack of layers (scanned or unrolled, optionally remat).
 
 Parameter names follow Flax (`kernel` stored (in, out), `bias`, `scale`, `embedding`) so the Hugging
-Face name maps beside each model only rename and transpose.
+Face name maps beside each model only rename and transpose. A parameter with a layer axis says so in its
+metadata (`nnx.Param(..., stacked=True)`, `zerojax.structure`), which is how a plan knows to gather it one
+layer at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zerojax.gather import gather_on_use
+from zerojax.structure import STACKED
 
 INIT_STD = 0.02
 ATTENTION_CHUNK = 512  # queries per block for long sequences (see `attention`)
@@ -23,12 +26,17 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def _param(value: jax.Array, stack: tuple) -> nnx.Param:
+    """A parameter whose leading axis is the layer axis when `stack` is given (`stacked` metadata)."""
+    return nnx.Param(value, **{STACKED: True}) if stack else nnx.Param(value)
+
+
 class Linear(nnx.Module):
     """`y = x @ kernel + bias`, kernel (in, out); `stack` prepends a layer axis to every parameter."""
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs, stack: tuple = (), std=INIT_STD):
-        self.kernel = nnx.Param(_normal(rngs, (*stack, d_in, d_out), dtype, std))
-        self.bias = nnx.Param(jnp.zeros((*stack, d_out), dtype)) if bias else None
+        self.kernel = _param(_normal(rngs, (*stack, d_in, d_out), dtype, std), stack)
+        self.bias = _param(jnp.zeros((*stack, d_out), dtype), stack) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...]
@@ -52,7 +60,7 @@ class RMSNorm(nnx.Module):
     """Llama's RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by `scale`."""
 
     def __init__(self, dim: int, *, eps: float, dtype, stack: tuple = ()):
-        self.scale = nnx.Param(jnp.ones((*stack, dim), dtype))
+        self.scale = _param(jnp.ones((*stack, dim), dtype), stack)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,8 +73,8 @@ class LayerNorm(nnx.Module):
     """Layer normalisation with `scale` and `bias`, statistics in fp32."""
 
     def __init__(self, dim: int, *, eps: float, dtype, stack: tuple = ()):
-        self.scale = nnx.Param(jnp.ones((*stack, dim), dtype))
-        self.bias = nnx.Param(jnp.zeros((*stack, dim), dtype))
+        self.scale = _param(jnp.ones((*stack, dim), dtype), stack)
+        self.bias = _param(jnp.zeros((*stack, dim), dtype), stack)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
