@@ -21,7 +21,7 @@ import zerojax as zj
 from tests import hf_tiny
 from zerojax import models
 from zerojax.hf import export_hf, load_pretrained
-from zerojax.trainer import decay_mask
+from zerojax.configured import decay_mask
 
 STEPS, RANKS, ACCUM, SEQ = 4, 8, 2, 16
 GLOBAL = RANKS * ACCUM

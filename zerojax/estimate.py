@@ -286,19 +286,44 @@ class StageEstimate:
 # Plans and estimates
 
 
-def _plan(graph_params, stage: int, devices, offload_optimizer: bool, offload_param: bool, grad_accum_dtype: str,
-          offload_mode: str = "streamed"):
-    import optax
-    import zerojax as zj
+def arguments_config(stage, devices: int, *, micro_batch: int = 1, offload_optimizer: bool = False,
+                     offload_param: bool = False, grad_accum_dtype: str = "fp32"):
+    """The DeepSpeed config (`ZeroConfig`) the estimate's arguments stand for: bf16 mixed-precision AdamW,
+    `stage` (or "auto") with the offload asked for, every tensor sharded (persistence threshold 0), one
+    micro-batch of `micro_batch` sequences per device, no clipping."""
+    from zerojax.config import load_config
 
-    offload = zj.Offload(  # the mode a DeepSpeed config gives the Trainer (zerojax.config): streamed
-        optimizer="pinned_host" if offload_optimizer else None, params="pinned_host" if offload_param else None,
-        mode=offload_mode if offload_optimizer else "streamed",
-    )
-    mesh = zj.make_mesh(devices=devices)
-    precision = zj.Precision.bf16(accum_dtype=grad_accum_dtype)
-    return zj.make_plan(graph_params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=stage), precision,
-                        offload=offload)
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
+    for name, on in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+        if on:
+            zero[name] = {"device": "cpu"}
+    return load_config({
+        "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+        "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": grad_accum_dtype},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_optimization": zero,
+    }, world_size=devices)
+
+
+def config_plan(config, params, devices, offload_mode: str = "streamed"):
+    """The plan the Trainer builds for `config` (its stage resolved) and `params` on `devices`."""
+    from zerojax import configured
+    from zerojax.mesh import make_mesh
+
+    mesh = make_mesh(devices=devices, **config.mesh_shape(len(devices)))
+    return configured.plan(config, params, configured.optimizer(config, params), mesh, offload_mode)
+
+
+def configured_step(graphdef, plan, config, seq: int):
+    """The Trainer's train step for `plan` under `config` (its default loss, accumulation and clipping)
+    and the abstract global batch of `seq`-token sequences it is compiled for."""
+    import jax
+    import jax.numpy as jnp
+
+    from zerojax import configured
+
+    step = configured.train_step(config, plan, configured.default_loss(graphdef))
+    batch = {"input_ids": jax.ShapeDtypeStruct((config.train_batch_size, seq), jnp.int32)}
+    return step, configured.abstract_batch(batch, plan.mesh)
 
 
 def _devices(n: int, target=None):
@@ -333,10 +358,25 @@ def _check(devices: int, seq: int, micro_batch: int, stage, offload_optimizer: b
         raise ValueError("offload_optimizer at stage=0: optimizer offload needs stage 1, 2 or 3.")
 
 
+def _inputs(hf_config: dict, devices: int, seq: int, micro_batch: int, grad_accum_dtype: str,
+            check_stage: tuple = (0, False, False)):
+    """`(graphdef, abstract params)` of the model after checking the inputs (`check_stage`: the stage and
+    offload flags asked for)."""
+    from zerojax.hf.files import check_sizes
+    from zerojax.models import abstract_model
+
+    _check(devices, seq, micro_batch, *check_stage)
+    check_sizes(hf_config, "hf_config")
+    graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True, remat="full")
+    if grad_accum_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} is not supported; use 'fp32' or 'bf16'.")
+    return graphdef, params
+
+
 def estimate(
     hf_config: dict,
     devices: int,
-    stage: int,
+    stage: int | None = None,
     *,
     seq: int = 2048,
     micro_batch: int = 1,
@@ -347,32 +387,44 @@ def estimate(
     grad_accum_dtype: str = "fp32",
     target=None,
     offload_mode: str = "streamed",
+    config=None,
 ) -> StageEstimate:
     """Bytes per device of one stage for the model of `hf_config` on `devices` data-parallel devices.
 
-    Mixed-precision AdamW (bf16 compute, fp32 master, gradient accumulator in `grad_accum_dtype`:
-    DeepSpeed's `data_types.grad_accum_dtype`; the ZeRO paper's formula assumes 'bf16'), full remat,
-    layers scanned. `target` (a `zerojax.targets` name, file or Target) compiles for that accelerator
-    on any machine, its memory the default `device_memory`; without one the estimate needs `devices` jax
-    devices in this process (simulated CPU devices will do). `offload_mode` is `Offload.mode`.
+    The step is the Trainer's for a DeepSpeed config (`zerojax.configured`): `config` (a `ZeroConfig`
+    from `zerojax.config.load_config` for `devices`, its stage resolved), else the one the arguments
+    stand for (`arguments_config`: bf16 mixed-precision AdamW, a gradient accumulator in
+    `grad_accum_dtype`, DeepSpeed's `data_types.grad_accum_dtype`, which the ZeRO paper's formula takes
+    as 'bf16'); full remat, layers scanned. `target` (a `zerojax.targets` name, file or Target)
+    compiles for that accelerator on any machine, its memory the default `device_memory`; without one
+    the estimate needs `devices` jax devices in this process (simulated CPU devices will do).
+    `offload_mode` is `Offload.mode`.
     """
-    from zerojax.hf.files import check_sizes
-    from zerojax.models import abstract_model
-    from zerojax.report import memory_report, zero_formula_bytes
-
-    _check(devices, seq, micro_batch, stage, offload_optimizer, offload_param)
-    check_sizes(hf_config, "hf_config")
-    graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True, remat="full")
-    if grad_accum_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} is not supported; use 'fp32' or 'bf16'.")
+    if config is not None and stage is not None:
+        raise ValueError(f"estimate: stage={stage!r} and a config were both given; the config states the stage, "
+                         "so pass one of them.")
+    if config is None:
+        graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype,
+                                   (stage, offload_optimizer, offload_param))
+        config = arguments_config(stage, devices, micro_batch=micro_batch, offload_optimizer=offload_optimizer,
+                                  offload_param=offload_param, grad_accum_dtype=grad_accum_dtype)
+    else:
+        graphdef, params = _inputs(hf_config, devices, seq, config.train_micro_batch_size_per_gpu, grad_accum_dtype)
     if target is not None and device_memory is None:
         from zerojax.targets import resolve
 
         device_memory = resolve(target).memory_bytes
-    plan = _plan(params, stage, _devices(devices, target), offload_optimizer, offload_param, grad_accum_dtype,
-                 offload_mode)
+    plan = config_plan(config, params, _devices(devices, target), offload_mode)
+    return _measure(hf_config, graphdef, plan, config, seq, device_memory, compiled, target)
+
+
+def _measure(hf_config: dict, graphdef, plan, config, seq: int, device_memory: int | None, compiled: bool,
+             target) -> StageEstimate:
+    """The estimate of `plan` (built for `config`): analytic bytes, and the compiled step's with `compiled`."""
+    from zerojax.report import memory_report, zero_formula_bytes
+
     report = memory_report(plan)
-    prec = plan.precision
+    prec, stage, devices = plan.precision, plan.rules.stage, plan.rules.data_size
     psi = report.num_params
     cb, ab, rb = prec.compute_dtype.itemsize, prec.accum_dtype.itemsize, prec.reduce_dtype.itemsize
     theory = zero_formula_bytes(stage, psi, devices, param_bytes=cb if plan.keeps_master else 0, grad_bytes=ab,
@@ -381,36 +433,30 @@ def estimate(
     theory_collectives = {"all-gather": gathers, "reduce-scatter": psi * rb if stage else 0,
                           "all-reduce": 0 if stage else 2 * psi * rb}
     result = StageEstimate(
-        stage=stage, offload_optimizer=offload_optimizer, offload_param=offload_param, devices=devices, params=psi,
+        stage=stage, offload_optimizer=config.offload_optimizer.enabled, offload_param=config.offload_param.enabled,
+        devices=devices, params=psi,
         param_bytes=report.param_bytes, grad_bytes=report.grad_bytes, master_bytes=report.master_bytes,
         optimizer_bytes=report.opt_state_bytes, held_bytes=report.held_bytes, host_bytes=report.host_bytes,
         model_state_bytes=report.model_state_bytes, theory_model_state_bytes=theory,
-        activation_bytes=activation_bytes(model_dims(hf_config), seq, micro_batch, cb),
+        activation_bytes=activation_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb),
         theory_collectives=theory_collectives,
         device_memory=device_memory,
     )
     if compiled:
         name = None if target is None else getattr(target, "name", str(target))
         try:
-            result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, seq, micro_batch, target=name))
+            result = dataclasses.replace(result, compiled=compile_step(graphdef, plan, config, seq, target=name))
         except DeviceMemoryExceeded as e:
             result = dataclasses.replace(result, refused=str(e), refused_bytes=e.temp_bytes)
     return result
 
 
-def compile_step(graphdef, plan, seq: int, micro_batch: int, target: str | None = None) -> Compiled:
-    """Lowers and compiles the bundled model's train step for `plan` ahead of time (a batch of
-    `micro_batch` sequences of `seq` tokens per device) and reads its memory and collectives."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    import zerojax as zj
-    from zerojax.models import causal_lm_loss
-
-    sharding = NamedSharding(plan.mesh, P(zj.DATA_AXES))
-    batch = {"input_ids": jax.ShapeDtypeStruct((micro_batch * plan.rules.data_size, seq), jnp.int32, sharding=sharding)}
-    return compile_train_step(zj.make_train_step(causal_lm_loss(graphdef), plan), plan, batch, target=target)
+def compile_step(graphdef, plan, config, seq: int, target: str | None = None) -> Compiled:
+    """Lowers and compiles the bundled model's train step for `plan` under `config` ahead of time
+    (`configured_step`: the Trainer's step, on `config.train_batch_size` sequences of `seq` tokens) and
+    reads its memory and collectives."""
+    step, batch = configured_step(graphdef, plan, config, seq)
+    return compile_train_step(step, plan, batch, target=target)
 
 
 def compile_train_step(step, plan, batch, target: str | None = None) -> Compiled:
@@ -459,26 +505,22 @@ def choose_stage(
     grad_accum_dtype: str = "fp32",
     target=None,
 ) -> StageEstimate:
-    """`zero_optimization.stage: "auto"`: the first option of `AUTO_ORDER` (lowest stage, then offload)
-    whose peak bytes per device fit `device_memory`; raises ValueError naming the smallest peak if none does.
-    With a `target`, each option is compiled for it; options it cannot compile (offload on a GPU target)
-    are skipped with their reason."""
-    from zerojax.config import AUTO_ORDER
+    """`zero_optimization.stage: "auto"` (`zerojax.configured.search_stage`): the first of the stage
+    options (`AUTO_ORDER`: lowest stage, then offload) whose peak bytes per device fit `device_memory`;
+    raises ValueError naming the smallest peak if none does. With a `target`, each option is compiled
+    for it; options it cannot compile (offload on a GPU target) are skipped with their reason."""
+    from zerojax.configured import search_stage
 
-    tried = []
-    for stage, opt, param in AUTO_ORDER:
-        try:
-            est = estimate(hf_config, devices, stage, seq=seq, micro_batch=micro_batch, offload_optimizer=opt,
-                           offload_param=param, device_memory=device_memory, compiled=compiled,
-                           grad_accum_dtype=grad_accum_dtype, target=target)
-        except ValueError:
-            if target is None or not (opt or param):
-                raise
-            continue  # the target cannot express host memory (compile-only CUDA devices)
-        if est.fits:
-            return est
-        tried.append(est)
-    best = min(tried, key=lambda e: e.peak_bytes)
+    graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype)
+    config = arguments_config("auto", devices, micro_batch=micro_batch, grad_accum_dtype=grad_accum_dtype)
+    device_list = _devices(devices, target)
+    chosen, tried = search_stage(
+        config, build=lambda option: config_plan(option, params, device_list),
+        measure=lambda option, plan: _measure(hf_config, graphdef, plan, option, seq, device_memory, compiled, target),
+        fits=lambda e: e.fits)
+    if chosen is not None:
+        return chosen.result
+    best = min((t.result for t in tried if t.result is not None), key=lambda e: e.peak_bytes)
     raise ValueError(
         f'stage "auto": no ZeRO stage or offload fits device_memory={device_memory / 2**30:.2f} GiB on {devices} '
         f"devices; the smallest peak is {best.peak_bytes / 2**30:.2f} GiB ({describe_option(best)}). Use more "

@@ -26,7 +26,6 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from zerojax.args import TrainingArguments
@@ -36,23 +35,15 @@ from zerojax.config import ConfigError, ZeroConfig, load_config
 from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, default_callbacks, improved,
                                resolve_intervals)
 from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
+from zerojax import configured
 from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
-from zerojax.mesh import DATA_AXES, make_mesh
-from zerojax.models import causal_lm_loss
-from zerojax.plan import TrainState, init_state, make_plan
-from zerojax.step import make_eval_step, make_train_step
+from zerojax.mesh import make_mesh
+from zerojax.plan import TrainState, init_state
+from zerojax.step import make_eval_step
 from zerojax.targets import resolve as resolve_target
 
 DEFAULT_CONFIG = {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": "auto",
                   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-NO_DECAY = ("bias", "scale", "norm", "ln_")
-
-
-def decay_mask(params: Any) -> Any:
-    """Weight decay for every parameter but biases and normalisation scales (as Transformers does)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(tag in jax.tree_util.keystr(path).lower() for tag in NO_DECAY), params
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +125,10 @@ class Trainer:
         self.config = load_config(config, training_args=self.args, model_config=hf_config, world_size=len(devices))
         self.mesh = make_mesh(devices=devices, **self.config.mesh_shape(len(devices)))
         self.total_steps = self.args.total_steps(len(devices))
-        tx = self.config.optimizer(total_steps=self.total_steps, weight_decay_mask=decay_mask(params))
+        tx = configured.optimizer(self.config, params, self.total_steps)
         self.loss_fn = loss_fn
         if loss_fn is None:  # next-token cross-entropy, every token alike as in HF (its RNG streams: dropout)
-            default = causal_lm_loss(self.graphdef, per_token=True, other=other if jax.tree.leaves(other) else None)
-            self.loss_fn = dataclasses.replace(default, across_ranks=self.args.average_tokens_across_devices)
+            self.loss_fn = configured.default_loss(self.graphdef, other, across_ranks=self.args.average_tokens_across_devices)
         self.train_batches = make_batches(
             train_dataset, self.config.train_batch_size, name="train_dataset", skip=not self.args.ignore_data_skip,
             seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
@@ -177,42 +167,35 @@ class Trainer:
 
     def _build(self, config: ZeroConfig, params: Any, tx, mesh=None):
         """The plan and train step of `config` (its stage resolved) on `mesh` (default: the Trainer's)."""
-        plan = make_plan(params, tx, config.zero_rules(mesh or self.mesh), config.precision(),
-                         offload=config.offload())
-        return plan, make_train_step(self.loss_fn, plan, rng=self.key is not None,
-                                     micro_batches=config.gradient_accumulation_steps,
-                                     max_grad_norm=config.gradient_clipping)
+        plan = configured.plan(config, params, tx, mesh or self.mesh)
+        return plan, configured.train_step(config, plan, self.loss_fn, rng=self.key is not None)
 
     def _choose_stage(self, params: Any, tx, device_memory: int, mesh) -> ZeroConfig:
-        """`zero_optimization.stage: "auto"`: compiles this Trainer's step ahead of time (nothing allocated)
-        on `mesh` for each of the config's stage options, cheapest first, and takes the first whose compiled
-        peak bytes per device fit `device_memory`; prints the choice and every peak it compiled (an option
-        the mesh's devices cannot compile, such as offload on a GPU target, is skipped with its reason)."""
-        data = NamedSharding(mesh, P(DATA_AXES))
-        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data), self.train_batches.batch(0))
-        peaks = []
-        for option in self.config.stage_options():
-            config = self.config.with_stage(*option)
+        """`zero_optimization.stage: "auto"` (`zerojax.configured.search_stage`): compiles this Trainer's step
+        ahead of time (nothing allocated) on `mesh` for each of the config's stage options, cheapest first, and
+        takes the first whose compiled peak bytes per device fit `device_memory`; prints the choice and every
+        peak it compiled (an option the mesh's devices cannot compile, such as offload on a GPU target, is
+        skipped with its reason)."""
+        batch = configured.abstract_batch(self.train_batches.batch(0), mesh)
+
+        def measure(config, built):
             try:
-                plan, step = self._build(config, params, tx, mesh)
-            except ValueError as e:  # e.g. host offload on compile-only CUDA devices
-                peaks.append(f"{option_name(*option)} not compiled: {e}")
-                continue
-            try:
-                peak = compile_train_step(step, plan, batch).peak_bytes
+                return compile_train_step(built[1], built[0], batch).peak_bytes
             except DeviceMemoryExceeded as e:  # the target's compiler refuses what cannot fit
-                peaks.append(f"{option_name(*option)} over {e.temp_bytes / 2**30:.3f} GiB (compiler refused)")
-                continue
-            peaks.append(f"{option_name(*option)} {peak / 2**30:.3f} GiB")
-            if peak <= device_memory:
-                if jax.process_index() == 0:
-                    print(f'zero_optimization.stage "auto": {option_name(*option)} fits {device_memory / 2**30:.3f} GiB '
-                          f"per device (compiled peaks: {'; '.join(peaks)})", flush=True)
-                return config
-        raise ConfigError(
-            f'zero_optimization.stage "auto": no option fits device_memory={device_memory / 2**30:.3f} GiB per device '
-            f"(compiled peaks: {'; '.join(peaks)}); use more devices, a smaller micro-batch or shorter sequences."
-        )
+                return e
+
+        fits = lambda peak: not isinstance(peak, DeviceMemoryExceeded) and peak <= device_memory
+        chosen, tried = configured.search_stage(self.config, lambda config: self._build(config, params, tx, mesh), measure, fits)
+        peaks = "; ".join(_peak(t) for t in tried)
+        if chosen is None:
+            raise ConfigError(
+                f'zero_optimization.stage "auto": no option fits device_memory={device_memory / 2**30:.3f} GiB per '
+                f"device (compiled peaks: {peaks}); use more devices, a smaller micro-batch or shorter sequences."
+            )
+        if jax.process_index() == 0:
+            print(f'zero_optimization.stage "auto": {option_name(*chosen.option)} fits {device_memory / 2**30:.3f} GiB '
+                  f"per device (compiled peaks: {peaks})", flush=True)
+        return chosen.config
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -441,3 +424,14 @@ def _memory_budget(device, given: int | str | None) -> int:
             'Trainer(..., device_memory="16GB") (bytes per device) or write a stage.'
         )
     return int(limit)
+
+
+def _peak(tried) -> str:
+    """One stage-"auto" option as the Trainer reports it: its compiled peak, the compiler's refusal, or
+    why it was not compiled."""
+    name = option_name(*tried.option)
+    if tried.skipped is not None:
+        return f"{name} not compiled: {tried.skipped}"
+    if isinstance(tried.result, DeviceMemoryExceeded):
+        return f"{name} over {tried.result.temp_bytes / 2**30:.3f} GiB (compiler refused)"
+    return f"{name} {tried.result / 2**30:.3f} GiB"
