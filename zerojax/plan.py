@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,25 @@ class TrainState(NamedTuple):
     loss_scale: LossScaleState | None
     skipped: jax.Array
 
+    @property
+    def weights(self) -> Any:
+        """The full-precision weights the optimizer updates: `master` where one is kept, else `params`."""
+        return getattr(self, weights_field(self._asdict()))
+
+
+def weights_field(state: Mapping[str, Any]) -> str:
+    """'master' where `state` (a TrainState's fields, or a checkpoint's saved trees) holds a master copy,
+    else 'params': the field of the full-precision weights."""
+    return "params" if state.get("master") is None else "master"
+
 
 @dataclasses.dataclass(frozen=True)
 class ZeroPlan:
-    """Rules, precision and optimizer of a run, with the layout of every parameter and optimizer leaf."""
+    """Rules, precision and optimizer of a run, with the layout of every parameter and optimizer leaf.
+
+    The abstract `TrainState` (shapes, dtypes, shardings and memory kinds) is built once
+    (`abstract_state`); the state's shardings are read from it.
+    """
 
     rules: ZeroRules
     precision: Precision
@@ -45,6 +60,7 @@ class ZeroPlan:
     param_layouts: Any
     opt_layouts: Any
     abstract_params: Any  # ShapeDtypeStructs of `TrainState.params` (dtype: `param_dtype`)
+    abstract_opt_state: Any  # ShapeDtypeStructs of `tx.init(master weights)`
     offload: Offload = Offload()
 
     @property
@@ -61,57 +77,70 @@ class ZeroPlan:
     def mesh(self):
         return self.rules.mesh
 
-    @property
+    @functools.cached_property
     def param_shardings(self) -> Any:
+        """Shardings of the parameters in the parameter layout (device memory)."""
         return self.rules.shardings(self.param_layouts, "param")
 
-    @property
-    def grad_shardings(self) -> Any:
-        """Shardings of the reduced gradient handed to the optimizer (the optimizer-state layout)."""
+    @functools.cached_property
+    def update_shardings(self) -> Any:
+        """Shardings of the parameter-shaped trees the optimizer update works on (the reduced gradients, the
+        master weights) in the optimizer layout (device memory)."""
         return self.rules.shardings(self.param_layouts, "opt")
 
-    @property
+    @functools.cached_property
     def opt_state_shardings(self) -> Any:
+        """Shardings of the optimizer state in the optimizer layout (device memory)."""
         return self.rules.shardings(self.opt_layouts, "opt")
 
     @functools.cached_property
     def host_optimizer_leaves(self) -> tuple[Any, Any]:
         """(master, opt_state) trees of bools: the leaves kept in host memory between steps."""
-        master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.precision.master_dtype), self.abstract_params)
-        opt_state = jax.eval_shape(self.tx.init, master)
-        master = master if self.keeps_master else None
-        both = (master, opt_state)
+        master = _shapes(self.abstract_params, self.precision.master_dtype) if self.keeps_master else None
+        both = (master, self.abstract_opt_state)
         if self.offload.optimizer is None:
             return jax.tree.map(lambda _: False, both)
         leaves, treedef = jax.tree.flatten(both)
         return treedef.unflatten(offloaded_leaves([leaf_bytes(x) for x in leaves], self.offload.ratio))
 
-    @property
-    def state_shardings(self) -> TrainState:
-        """Where each leaf of the state lives between steps, offloaded leaves in host memory."""
+    @functools.cached_property
+    def _abstract_state(self) -> TrainState:
+        """The state as `jax.ShapeDtypeStruct`s carrying their shardings, offloaded leaves in host memory."""
         replicated = NamedSharding(self.mesh, P())
-        scaler = self.precision.loss_scale
+        placed = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
         host_master, host_opt = self.host_optimizer_leaves
         to_host = lambda kind: lambda s, h: s.with_memory_kind(kind) if h else s
         params = self.param_shardings
         if self.offload.params is not None:
             params = jax.tree.map(lambda s: s.with_memory_kind(self.offload.params), params)
+        master = None
+        if self.keeps_master:
+            master = placed(_shapes(self.abstract_params, self.precision.master_dtype),
+                            jax.tree.map(to_host(self.offload.optimizer), self.update_shardings, host_master))
+        scaler = self.precision.loss_scale
+        counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
         return TrainState(
-            step=replicated,
-            params=params,
-            master=jax.tree.map(to_host(self.offload.optimizer), self.grad_shardings, host_master)
-            if self.keeps_master else None,
-            opt_state=jax.tree.map(to_host(self.offload.optimizer), self.opt_state_shardings, host_opt),
-            loss_scale=None if scaler is None else LossScaleState(replicated, replicated, replicated),
-            skipped=replicated,
+            step=counter,
+            params=placed(_shapes(self.abstract_params, self.param_dtype), params),
+            master=master,
+            opt_state=placed(self.abstract_opt_state,
+                             jax.tree.map(to_host(self.offload.optimizer), self.opt_state_shardings, host_opt)),
+            loss_scale=None if scaler is None else placed(jax.eval_shape(scaler.init), LossScaleState(
+                replicated, replicated, replicated)),
+            skipped=counter,
         )
 
     def abstract_state(self) -> TrainState:
-        """The state as `jax.ShapeDtypeStruct`s carrying their shardings: compile without allocating."""
-        shapes = jax.eval_shape(lambda p: _fresh_state(self, p), self.abstract_params)
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
-        )
+        """The state as `jax.ShapeDtypeStruct`s carrying their shardings and memory kinds: compile or restore
+        without allocating (built once)."""
+        return self._abstract_state
+
+    @functools.cached_property
+    def state_shardings(self) -> TrainState:
+        """Where each leaf of the state lives between steps (offloaded leaves in host memory): the
+        shardings of `abstract_state`."""
+        return jax.tree.map(lambda x: x.sharding, self._abstract_state)
 
 
 def make_plan(
@@ -152,12 +181,11 @@ def make_plan(
             f"{rules.stage}; use stage 3 or drop offload_param."
         )
     dtype = precision.compute_dtype if _keeps_master(rules, precision, offload) else precision.master_dtype
-    held = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
-    master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, precision.master_dtype), params)
+    held, master = _shapes(params, dtype), _shapes(params, precision.master_dtype)
     layouts = rules.layouts(held, base_specs, stacked)
     opt_state = jax.eval_shape(tx.init, master)
     opt_layouts = rules.opt_state_layouts(opt_state, master, layouts)
-    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, held, offload)
+    return ZeroPlan(rules, precision, tx, layouts, opt_layouts, held, opt_state, offload)
 
 
 def _keeps_master(rules: ZeroRules, precision: Precision, offload: Offload) -> bool:
@@ -166,6 +194,11 @@ def _keeps_master(rules: ZeroRules, precision: Precision, offload: Offload) -> b
     dtype before each gather, so no 16-bit copy is held between steps (12 bytes a parameter, over N)."""
     sharded_like_master = rules.stage == 3 and rules.hierarchy != "hpz"
     return precision.mixed and not (sharded_like_master and offload.optimizer is None and offload.params is None)
+
+
+def _shapes(tree: Any, dtype) -> Any:
+    """`tree`'s leaves as ShapeDtypeStructs of `dtype`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)
 
 
 def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:

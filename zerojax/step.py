@@ -184,11 +184,11 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)  # inf or nan on a skipped step
 
         keeps_master = plan.keeps_master
-        master, master_shardings = (state.master, shardings.master) if keeps_master else (state.params, shardings.params)
+        master, master_shardings = state.weights, shardings.weights
         if host_update:  # DeepSpeed's CPU optimizer: the update runs where the state lives
             host = NamedSharding(mesh, P(), memory_kind=plan.offload.optimizer)
             args = (
-                to_memory(grads, plan.grad_shardings, plan.offload.optimizer),
+                to_memory(grads, plan.update_shardings, plan.offload.optimizer),
                 state.opt_state,
                 to_memory(master, master_shardings, plan.offload.optimizer),
                 jax.device_put(finite, host),

@@ -41,6 +41,5 @@ def save_model(state: TrainState, hf_config: dict, out_dir: str | os.PathLike, *
                max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
     """DeepSpeed's `stage3_gather_16bit_weights_on_model_save`: the live state's weights (the fp32 master
     when there is one) gathered tensor by tensor into a consolidated Hugging Face folder in `dtype`."""
-    weights = state.master if state.master is not None else state.params
-    return export_hf(weights, hf_config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
+    return export_hf(state.weights, hf_config, out_dir, dtype=dtype, max_shard_size=max_shard_size,
                      overwrite=overwrite, progress=progress)

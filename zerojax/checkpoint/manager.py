@@ -29,7 +29,7 @@ from zerojax.checkpoint.lock import WriterLock
 from zerojax.checkpoint.options import CheckpointOptions, KeepBestAndLatest, best_index, ranking
 from zerojax.checkpoint.steps import CheckedMetrics, StepsOnly, numbered_folders
 from zerojax.offload import check_host_memory
-from zerojax.plan import TrainState, ZeroPlan
+from zerojax.plan import TrainState, ZeroPlan, weights_field
 from zerojax._paths import path_key
 from zerojax.structure import stacked_leaves
 
@@ -361,8 +361,8 @@ class CheckpointManager:
             )
         abstract = _abstract(target)
         check_host_memory(abstract, f"restore of step {step}")
-        source = "master" if "master" in saved else "params"
-        item = {source: _weights_target(abstract), "opt_state": abstract.opt_state,
+        source = weights_field(saved)
+        item = {source: abstract.weights, "opt_state": abstract.opt_state,
                 "step": abstract.step, "skipped": abstract.skipped}
         if abstract.loss_scale is not None:
             if "loss_scale" not in saved:
@@ -386,8 +386,8 @@ class CheckpointManager:
         saved = self.saved_tensors(step)
         abstract = _abstract(target)
         check_host_memory((abstract.params, abstract.master), f"restore of step {step}")
-        source = "master" if "master" in saved else "params"
-        got = self._read(step, {source: _weights_target(abstract)}, saved)
+        source = weights_field(saved)
+        got = self._read(step, {source: abstract.weights}, saved)
         return _weights(got[source], abstract)
 
     def load_best_model(self, state: TrainState) -> TrainState:
@@ -408,7 +408,7 @@ class CheckpointManager:
         read before."""
         step = self._checked(step)
         saved = self.saved_tensors(step)
-        source = "master" if "master" in saved else "params"
+        source = weights_field(saved)
         return jax.tree.map(lambda m: LazyTensor(self, step, m.name, tuple(m.shape), np.dtype(m.dtype)), saved[source])
 
     def _checked(self, step: int | str | None) -> int:
@@ -491,13 +491,9 @@ def _abstract(target: ZeroPlan | TrainState) -> TrainState:
     return jax.tree.map(spec, target)
 
 
-def _weights_target(abstract: TrainState):
-    return abstract.master if abstract.master is not None else abstract.params
-
-
 def _weights(weights, abstract: TrainState) -> tuple[Any, Any]:
     """(params, master) of the target from restored full-precision weights."""
-    if abstract.master is None:
+    if weights_field(abstract._asdict()) == "params":
         return weights, None
     cast = jax.jit(
         lambda w: jax.tree.map(lambda x, a: x.astype(a.dtype), w, abstract.params),
