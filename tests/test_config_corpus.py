@@ -91,7 +91,7 @@ EXPECTED = {
         warns=("move them into zero_optimization: allgather_bucket_size, reduce_bucket_size, reduce_scatter",)),
     "llava-next__zero3pp.json": ok(
         dict(bf16=True), ws=32, stage=3, compute="bfloat16", optimizer="adamw", batch=(256, 8, 1),
-        mesh={"replica": 2, "fsdp": 16}, hierarchy="hpz", warns=("zero_quantized_weights",)),
+        mesh={"replica": 2, "fsdp": 16}, hierarchy="hpz", quantized=(True, True)),
     "megatron-ds__ds_zero2_config_bf16.json": ok(
         stage=2, compute="bfloat16", optimizer="adam", batch=(96, 12, 1), reduce="bfloat16",
         warns=("bfloat16 is deprecated", '"bfp16" is deprecated', "loss-scaling keys in the bf16 block")),
@@ -157,6 +157,7 @@ def test_corpus_file(name):
               "prefetch": zero.stage3_prefetch_bucket_size, "gather16": cfg.gather_16bit_weights_on_model_save,
               "pin_opt": cfg.offload_optimizer.pin_memory, "clip": cfg.gradient_clipping,
               "reduce": str(prec.reduce_dtype), "hierarchy": cfg.hierarchy,
+              "quantized": (zero.zero_quantized_weights, zero.zero_quantized_gradients),
               "total_num_steps": cfg.scheduler_spec and cfg.scheduler_spec.params.get("total_num_steps"),
               "warmup_num_steps": cfg.scheduler_spec and cfg.scheduler_spec.params.get("warmup_num_steps")}
     for key, want in x.items():

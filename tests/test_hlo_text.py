@@ -38,7 +38,8 @@ def test_collectives_counted_through_calls_and_loops():
 def test_step_collectives_add_what_only_the_compiled_program_moves():
     lowered = {"reduce-scatter": {"bf16": 200}}
     compiled = {"reduce-scatter": {"f32": 400}, "all-gather": {"f32": 400}}
-    assert hlo.step_collectives(lowered, compiled) == {"all-gather": 200, "reduce-scatter": 200, "all-reduce": 0}
+    assert hlo.step_collectives(lowered, compiled) == {"all-gather": 200, "reduce-scatter": 200, "all-reduce": 0,
+                                                       "all-to-all": 0}
 
 
 def test_a_compiler_refusal_for_memory_is_a_step_that_does_not_fit():

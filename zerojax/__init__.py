@@ -20,6 +20,7 @@ _EXPORTS = {
     "LeafLayout": "zerojax.rules", "ZeroRules": "zerojax.rules",
     "MemoryReport": "zerojax.report", "memory_report": "zerojax.report", "zero_formula_bytes": "zerojax.report",
     "TrainStep": "zerojax.step", "make_eval_step": "zerojax.step", "make_train_step": "zerojax.step",
+    "Quantization": "zerojax.zeropp",
 }
 
 __all__ = sorted(_EXPORTS)

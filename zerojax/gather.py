@@ -28,32 +28,46 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zerojax import zeropp
 from zerojax.offload import fetch
+from zerojax.zeropp import Quantization
 
 
-def _scatter(g: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool) -> jax.Array:
+def reduce_scatter(g: jax.Array, axes: tuple[str, ...], dim: int, quant: Quantization) -> jax.Array:
+    """`g` summed over mesh `axes` and scattered along `dim` (unchanged when `axes` is empty), moved as
+    quantized blocks when `quant.gradients` (qgZ, `zerojax.zeropp`)."""
+    if not axes:
+        return g
+    if quant.gradients:
+        return zeropp.reduce_scatter(g, axes, dim, quant.gradient_bits, quant.gradient_block).astype(g.dtype)
+    return lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+
+
+def _scatter(g: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool, quant: Quantization) -> jax.Array:
     """`g` reduce-scattered over `axes` along `dim` in `dtype` (a carrier's), in host memory if `on_host`."""
-    g = g.astype(dtype)
-    if axes:
-        g = lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+    g = reduce_scatter(g.astype(dtype), axes, dim, quant)
     return jax.device_put(g, jax.memory.Space.Host) if on_host else g
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def gather(x: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool) -> jax.Array:
-    """All-gathers `x` over mesh `axes` along `dim`; the gradient is reduce-scattered into `carrier`
-    (of `dtype`, in host memory if `on_host`)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def gather(x: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool,
+           quant: Quantization) -> jax.Array:
+    """All-gathers `x` over mesh `axes` along `dim` (as int8 blocks when `quant.weights`: qwZ); the
+    gradient is reduce-scattered into `carrier` (of `dtype`, in host memory if `on_host`)."""
+    if quant.weights:
+        return zeropp.all_gather(x, axes, dim, quant.weight_block)
     return lax.all_gather(x, axes, axis=dim, tiled=True)
 
 
 gather.defvjp(
     lambda x, carrier, *static: (gather(x, carrier, *static), None),
-    lambda axes, dim, dtype, on_host, _, g: (None, _scatter(g, axes, dim, dtype, on_host)),
+    lambda axes, dim, dtype, on_host, quant, _, g: (None, _scatter(g, axes, dim, dtype, on_host, quant)),
 )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def scatter_grad(full: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def scatter_grad(full: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim: int, dtype, on_host: bool,
+                 quant: Quantization) -> jax.Array:
     """Returns the whole `full` unchanged; its gradient is reduce-scattered over `axes` (none: only cast)
     along `dim` into `carrier` (as for `gather`)."""
     return full
@@ -61,7 +75,7 @@ def scatter_grad(full: jax.Array, carrier: jax.Array, axes: tuple[str, ...], dim
 
 scatter_grad.defvjp(
     lambda full, carrier, *static: (full, None),
-    lambda axes, dim, dtype, on_host, _, g: (None, _scatter(g, axes, dim, dtype, on_host)),
+    lambda axes, dim, dtype, on_host, quant, _, g: (None, _scatter(g, axes, dim, dtype, on_host, quant)),
 )
 
 
@@ -73,8 +87,9 @@ class Sharded:
     `value` is what the rank stores: its shard when `gathered` (stage 3), else the whole tensor. Using
     it casts `value` to `compute_dtype` (first copying it to device memory when `on_host`: parameter
     offload, one layer at a time), all-gathers it over `axes` when `gathered`, and routes the gradient,
-    reduce-scattered over `axes`, to `carrier`. `dim` counts from the last dimension (negative), so it
-    stays right when `lax.scan` strips the leading layer axis.
+    reduce-scattered over `axes`, to `carrier`; `quant` says which of the two move quantized (ZeRO++).
+    `dim` counts from the last dimension (negative), so it stays right when `lax.scan` strips the leading
+    layer axis.
     """
 
     value: jax.Array
@@ -84,6 +99,7 @@ class Sharded:
     gathered: bool = dataclasses.field(metadata=dict(static=True))
     compute_dtype: Any = dataclasses.field(metadata=dict(static=True))
     on_host: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    quant: Quantization = dataclasses.field(default=Quantization(), metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -103,7 +119,7 @@ class Sharded:
         x = _narrow(x, np.dtype(self.compute_dtype))
         dim = self.dim % x.ndim
         route = gather if self.gathered else scatter_grad
-        return route(x, self.carrier, self.axes, dim, np.dtype(self.carrier.dtype), self.on_host)
+        return route(x, self.carrier, self.axes, dim, np.dtype(self.carrier.dtype), self.on_host, self.quant)
 
 
 def _narrow(x: jax.Array, dtype: np.dtype) -> jax.Array:

@@ -1,9 +1,10 @@
 """Collectives and host-memory bytes read from a step's program text.
 
-Collective bytes count whole tensors: an all-gather moves its result, a reduce-scatter its operand,
-an all-reduce twice its operand (reduce-scatter + all-gather, the ZeRO paper's accounting). The
-lowered StableHLO carries the dtypes a GPU runs; the compiled HLO also holds the collectives GSPMD
-inserts when it partitions the optimizer update, and `step_collectives` combines the two.
+Collective bytes count whole tensors: an all-gather moves its result, a reduce-scatter and an
+all-to-all their operands, an all-reduce twice its operand (reduce-scatter + all-gather, the ZeRO
+paper's accounting). The lowered StableHLO carries the dtypes a GPU runs; the compiled HLO also holds
+the collectives GSPMD inserts when it partitions the optimizer update, and `step_collectives` combines
+the two.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import re
 from collections import defaultdict
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
 
 
 def _itemsize(dtype: str) -> int:
@@ -34,7 +35,7 @@ def _tensor_bytes(dims: str, dtype: str) -> int:
 _MLIR_TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-zA-Z][a-zA-Z0-9]*)>")
 _MLIR_FUNC = re.compile(r"^\s*func\.func\s+(?:public\s+|private\s+)?@([\w.$-]+)\(")
 _MLIR_CALL = re.compile(r"call @([\w.$-]+)\(")
-_MLIR_COLLECTIVE = re.compile(r'"stablehlo\.(all_gather|reduce_scatter|all_reduce)"')
+_MLIR_COLLECTIVE = re.compile(r'"stablehlo\.(all_gather|reduce_scatter|all_reduce|all_to_all)"')
 
 
 def _indent(line: str) -> int:
@@ -183,7 +184,8 @@ class Collective:
 
 def _collective_shapes(kind: str, started: bool, lhs: str, line: str) -> tuple[list, int]:
     """(shapes counted, factor) of a collective: an all-gather's results, a reduce-scatter's operands (the
-    results times the group size when only they are shown), an all-reduce's operands twice."""
+    results times the group size when only they are shown), an all-to-all's operands (its results' shapes),
+    an all-reduce's operands twice."""
     shapes = _HLO_SHAPE.findall(lhs)
     if started and kind != "all-reduce":  # an async start returns ((operands), (results))
         half = len(shapes) // 2

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from zerojax._paths import path_key
 from zerojax.mesh import DATA_AXES, FSDP
 from zerojax.structure import model_specs, stacked_leaves
+from zerojax.zeropp import Quantization
 
 Hierarchy = Literal["none", "mics", "hpz"]
 STAGES = (0, 1, 2, 3)
@@ -82,12 +83,15 @@ class ZeroRules:
     `persistence_threshold` is DeepSpeed's `stage3_param_persistence_threshold`: at stage 3 a
     parameter with fewer elements stays replicated (its gradient and optimizer state are still
     sharded, as at stage 2). zerojax's default is 0 (shard everything); DeepSpeed configs bring 1e5.
+    `quantization` makes the stage-3 weight gathers and the gradient reduce-scatters move quantized
+    blocks (ZeRO++ qwZ and qgZ, `zerojax.zeropp`).
     """
 
     mesh: Mesh
     stage: int = 3
     persistence_threshold: int = 0
     hierarchy: Hierarchy = "none"
+    quantization: Quantization = Quantization()
 
     def __post_init__(self):
         if self.stage not in STAGES or isinstance(self.stage, bool):
@@ -110,6 +114,17 @@ class ZeroRules:
             raise ValueError(
                 f"ZeroRules: hierarchy='hpz' partitions stage-3 parameters, but stage={self.stage}; "
                 "set stage=3 or drop zero_hpz_partition_size."
+            )
+        quant = self.quantization
+        if quant.weights and self.stage != 3:
+            raise ValueError(
+                f"ZeroRules: quantized weights (qwZ) quantize the stage-3 parameter all-gather, but stage="
+                f"{self.stage} gathers none; set stage=3 or drop zero_quantized_weights."
+            )
+        if quant.gradients and self.stage == 0:
+            raise ValueError(
+                "ZeroRules: quantized gradients (qgZ) replace the gradient reduce-scatter, but stage=0 "
+                "all-reduces gradients; set stage 1, 2 or 3, or drop zero_quantized_gradients."
             )
         missing = [a for a in DATA_AXES if a not in self.mesh.shape]
         if missing:

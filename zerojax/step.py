@@ -32,19 +32,16 @@ from jax import lax
 from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from zerojax.gather import Sharded
+from zerojax.gather import Sharded, reduce_scatter
 from zerojax.layerwise import is_elementwise, update_by_layer
 from zerojax.loss import TokenLoss, batch_mean, token_weight, value
 from zerojax.mesh import DATA_AXES, TENSOR
 from zerojax.offload import HOST_KINDS, on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
 from zerojax.rules import LeafLayout, is_layout
+from zerojax.zeropp import Quantization
 
 LossFn = Callable[..., jax.Array] | TokenLoss
-
-
-def _scatter(x, axes, dim):
-    return lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True) if axes else x
 
 
 def _psum(x, axes):
@@ -96,7 +93,7 @@ def make_train_step(
     mesh, axes, ranks = rules.mesh, rules.data_axes, rules.data_size
     batch_sharding = NamedSharding(mesh, P(DATA_AXES))
     per_layer = _fetched_per_layer(plan)
-    reduce_dtype, accum_dtype = prec.reduce_dtype, prec.accum_dtype
+    reduce_dtype, accum_dtype, quant = prec.reduce_dtype, prec.accum_dtype, rules.quantization
 
     def local_grads(params, batch, scale, key):
         """Per rank: this rank's slice of the summed gradient, in the optimizer layout, and the mean loss."""
@@ -110,14 +107,14 @@ def make_train_step(
             carriers = _tree(lambda l, h: _carrier(l, reduce_dtype, h, mesh), layouts, per_layer)
 
             def scaled_loss(carriers):
-                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, h), carriers, params, layouts,
-                             per_layer)
+                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, quant, h), carriers, params,
+                             layouts, per_layer)
                 loss = value(loss_fn, (used, b) if key is None else (used, b, key), weight)
                 return loss * scale, loss
 
             (_, loss), g = jax.value_and_grad(scaled_loss, has_aux=True)(carriers)
             g = _tree(lambda g, h: jax.device_put(g, jax.memory.Space.Device) if h else g, g, per_layer)
-            return _tree(lambda g, l: _scatter(g, _after_use(l), l.dim), g, layouts), loss
+            return _tree(lambda g, l: reduce_scatter(g, _after_use(l), l.dim, quant), g, layouts), loss
 
         if micro_batches == 1:  # the gradient is the sum: no accumulator beside it
             grads, loss = grads_of(*jax.tree.map(lambda x: x[0], (micro, keys)))
@@ -136,7 +133,7 @@ def make_train_step(
             reduce = tuple(x for x in axes if x not in l.opt_axes)
             if not scatter and not reduce:
                 return g
-            return _psum(_scatter(g.astype(reduce_dtype), scatter, l.dim), reduce).astype(g.dtype)
+            return _psum(reduce_scatter(g.astype(reduce_dtype), scatter, l.dim, quant), reduce).astype(g.dtype)
 
         return _tree(finish, grads, layouts), _psum(loss, axes) / ranks
 
@@ -265,14 +262,14 @@ class TrainStep:
         return (key,) if self.rng else ()
 
 
-def _in_use(param, carrier, layout: LeafLayout, compute_dtype, on_host: bool = False):
+def _in_use(param, carrier, layout: LeafLayout, compute_dtype, quant: Quantization, on_host: bool = False):
     """The parameter as the model sees it, in the compute dtype: whole (gathered on use), or `Sharded`
     for a stacked layer (`on_host`: copied to the device one layer at a time, when it is used). Its
-    gradient lands in `carrier` (see `zerojax.gather`)."""
+    gradient lands in `carrier` (see `zerojax.gather`); `quant`: which of the two move quantized."""
     gathered = bool(layout.param_axes)
     axes = layout.param_axes if gathered else layout.grad_axes
     dim = (layout.dim - param.ndim) if layout.dim is not None else -1
-    node = Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host)
+    node = Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant)
     return node if layout.stacked else node.use()
 
 
@@ -339,11 +336,11 @@ def make_eval_step(loss_fn: LossFn, plan: ZeroPlan, *, rng: bool = False) -> Cal
     or a `TokenLoss` over every token), with the step's gathers. `rng`: the loss takes a key, which is
     None here (deterministic: no dropout)."""
     layouts, mesh, axes = plan.param_layouts, plan.mesh, plan.rules.data_axes
-    per_layer, compute = _fetched_per_layer(plan), plan.precision.compute_dtype
+    per_layer, compute, quant = _fetched_per_layer(plan), plan.precision.compute_dtype, plan.rules.quantization
 
     def local_loss(params, batch):
-        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, h), params, layouts,
-                     per_layer)
+        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, quant, h), params,
+                     layouts, per_layer)
         return batch_mean(loss_fn, (used, batch, None) if rng else (used, batch), axes, plan.rules.data_size)
 
     sharded = jax.shard_map(

@@ -119,11 +119,13 @@ ZERO = (
     _k("round_robin_gradients", "bool", False, NO_EFFECT, _TUNING),
     _k("zero_hpz_partition_size", "int", 1, MAPPED,
        "ZeRO++ hpZ: mesh `fsdp` = this size, `replica` = world / size, `ZeRO rules hierarchy='hpz'`", minimum=0),
-    _k("zero_quantized_weights", "bool", False, NO_EFFECT, "int8 weight all-gather is not implemented; weights "
-       "are gathered in the compute dtype (exact)"),
-    _k("zero_quantized_nontrainable_weights", "bool", False, NO_EFFECT, "int8 weight all-gather is not implemented"),
-    _k("zero_quantized_gradients", "bool", False, NO_EFFECT, "int4 gradient reduction is not implemented; "
-       "gradients are reduced in communication_data_type (exact)"),
+    _k("zero_quantized_weights", "bool", False, MAPPED, "ZeRO++ qwZ: `Quantization(weights=True)`, the stage-3 "
+       "weight all-gather as int8 blocks of 2048 with an fp32 scale each (`zerojax.zeropp`); stage 3 only"),
+    _k("zero_quantized_nontrainable_weights", "bool", False, NO_EFFECT, "zerojax trains every weight it gathers; "
+       "zero_quantized_weights quantizes their gathers"),
+    _k("zero_quantized_gradients", "bool", False, MAPPED, "ZeRO++ qgZ: `Quantization(gradients=True)`, the gradient "
+       "reduce-scatter as int4 blocks of 256 with an fp32 scale each through all-to-all, summed in fp32; "
+       "stages 1-3 (all-reduces stay exact)"),
     _k("zeropp_loco_param", "dict", None, NO_EFFECT, "LoCo error feedback for quantized gradients", nullable=True),
     _k("mics_shard_size", "int", -1, MAPPED, "MiCS: mesh `fsdp` = this size, `replica` = world / size, "
        "`hierarchy='mics'`; -1 disables", minimum=-1),

@@ -10,6 +10,7 @@ from zerojax import optim
 from zerojax.config.errors import ConfigError, shown
 from zerojax.precision import LossScale, Precision
 from zerojax.rules import ZeroRules
+from zerojax.zeropp import Quantization
 
 if TYPE_CHECKING:
     from zerojax.config.schema import ZeroConfig
@@ -53,10 +54,14 @@ def resolved_stage(cfg: ZeroConfig) -> int:
 
 
 def zero_rules(cfg: ZeroConfig, mesh) -> ZeroRules:
-    """The `ZeroRules` of the config's stage, persistence threshold (stage 3) and hierarchy over `mesh`."""
+    """The `ZeroRules` of the config's stage, persistence threshold (stage 3), hierarchy and ZeRO++
+    quantization over `mesh`."""
     stage = resolved_stage(cfg)
-    threshold = cfg.zero_optimization.stage3_param_persistence_threshold if stage == 3 else 0
-    return ZeroRules(mesh, stage=stage, persistence_threshold=threshold, hierarchy=cfg.hierarchy)
+    zero = cfg.zero_optimization
+    threshold = zero.stage3_param_persistence_threshold if stage == 3 else 0
+    quantization = Quantization(weights=zero.zero_quantized_weights, gradients=zero.zero_quantized_gradients)
+    return ZeroRules(mesh, stage=stage, persistence_threshold=threshold, hierarchy=cfg.hierarchy,
+                     quantization=quantization)
 
 
 def precision(cfg: ZeroConfig) -> Precision:

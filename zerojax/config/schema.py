@@ -58,6 +58,8 @@ class ZeroOptimization:
     offload_optimizer: OffloadBlock = OffloadBlock()
     offload_param: OffloadBlock = OffloadBlock()
     stage3_gather_16bit_weights_on_model_save: bool = False
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +115,14 @@ class ZeroConfig:
     def stage_options(self) -> tuple[tuple[int, bool, bool], ...]:
         """`(stage, offload_optimizer, offload_param)` choices, cheapest first: for stage "auto" the
         `AUTO_ORDER` entries the rest of the config allows (an offload block with device "cpu" is kept,
-        hpZ and a partial offload `ratio` need stage 3, MiCS stage 1 or more), else the configured one."""
+        hpZ, quantized weights and a partial offload `ratio` need stage 3, MiCS and quantized gradients stage 1
+        or more), else the configured one."""
         opt, par = self.offload_optimizer.enabled, self.offload_param.enabled
         if self.stage != AUTO:
             return ((self.stage, opt, par),)
-        lowest = 3 if self.offload_optimizer.ratio < 1 else {"hpz": 3, "mics": 1}.get(self.hierarchy, 0)
+        zero = self.zero_optimization
+        lowest = max(3 if self.offload_optimizer.ratio < 1 or zero.zero_quantized_weights else 0,
+                     1 if zero.zero_quantized_gradients else 0, {"hpz": 3, "mics": 1}.get(self.hierarchy, 0))
         return tuple(o for o in AUTO_ORDER if o[0] >= lowest and o[1] >= opt and o[2] >= par)
 
     def with_stage(self, stage: int, offload_optimizer: bool = False, offload_param: bool = False) -> ZeroConfig:
@@ -255,6 +260,8 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
             stage3_prefetch_bucket_size=zero["stage3_prefetch_bucket_size"],
             offload_optimizer=offload(zero["offload_optimizer"]), offload_param=offload(zero["offload_param"]),
             stage3_gather_16bit_weights_on_model_save=zero["stage3_gather_16bit_weights_on_model_save"],
+            zero_quantized_weights=zero["zero_quantized_weights"],
+            zero_quantized_gradients=zero["zero_quantized_gradients"],
         ),
         fp16=FP16(**{f.name: fp16[f.name] for f in dataclasses.fields(FP16)}),
         bf16=BF16(bf16["enabled"], bf16["bf16_master_weights_and_grads"]),
@@ -296,6 +303,12 @@ def _check_consistency(top, zero, fp16, bf16, world_size, problems) -> None:
         problems.append(f"zero_optimization.zero_hpz_partition_size={hpz} (hpZ) needs stage 3, but stage={stage}.")
     if mics > 0 and stage == 0:
         problems.append(f"zero_optimization.mics_shard_size={mics} needs stage 1, 2 or 3.")
+    if zero["zero_quantized_weights"] and stage != 3:
+        problems.append(f"zero_optimization.zero_quantized_weights (qwZ) quantizes the stage-3 weight all-gather, "
+                        f"but stage={stage} gathers no weights; use stage 3 or drop it.")
+    if zero["zero_quantized_gradients"] and stage == 0:
+        problems.append("zero_optimization.zero_quantized_gradients (qgZ) quantizes the gradient reduce-scatter, "
+                        "but stage=0 all-reduces gradients; use stage 1, 2 or 3, or drop it.")
     if mics == 0 or mics < -1:
         problems.append(f"zero_optimization.mics_shard_size={mics} must be a positive group size or -1 (off).")
     for name, size in (("zero_hpz_partition_size", hpz), ("mics_shard_size", mics)):
