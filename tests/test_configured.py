@@ -98,3 +98,22 @@ def test_gpt2_stage3_step_gathers_one_layer_at_a_time():
     assert max(in_loop.values()) == one_layer
     # outside it only the unstacked parameters: embeddings and the final norm
     assert outside == bf16(params) - bf16(params["h"])
+
+
+def test_cli_estimates_a_deepspeed_config(tmp_path, capsys):
+    import json
+
+    from zerojax.cli import main
+
+    model, ds = tmp_path / "config.json", tmp_path / "ds.json"
+    model.write_text(json.dumps(TINY))
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                              "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                              "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    argv = ["estimate", "--model", str(model), "--devices", "8", "--seq", str(SEQ), "--deepspeed", str(ds)]
+    assert main([*argv, "--json"]) == 0
+    (stage,) = json.loads(capsys.readouterr().out)["stages"]
+    expected = est.estimate(TINY, 8, seq=SEQ, config=load_config(str(ds), model_config=TINY, world_size=8))
+    assert stage == expected.as_json() and (stage["stage"], stage["offload_optimizer"]) == (2, "cpu")
+    assert main([*argv, "--stage", "3"]) == 2
+    assert "--deepspeed states the stage" in capsys.readouterr().err

@@ -504,15 +504,20 @@ def choose_stage(
     compiled: bool = True,
     grad_accum_dtype: str = "fp32",
     target=None,
+    config=None,
 ) -> StageEstimate:
     """`zero_optimization.stage: "auto"` (`zerojax.configured.search_stage`): the first of the stage
     options (`AUTO_ORDER`: lowest stage, then offload) whose peak bytes per device fit `device_memory`;
     raises ValueError naming the smallest peak if none does. With a `target`, each option is compiled
-    for it; options it cannot compile (offload on a GPU target) are skipped with their reason."""
+    for it; options it cannot compile (offload on a GPU target) are skipped with their reason. `config`
+    (a `ZeroConfig` for `devices`) is searched instead of the one the arguments stand for."""
     from zerojax.configured import search_stage
 
-    graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype)
-    config = arguments_config("auto", devices, micro_batch=micro_batch, grad_accum_dtype=grad_accum_dtype)
+    if config is None:
+        graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype)
+        config = arguments_config("auto", devices, micro_batch=micro_batch, grad_accum_dtype=grad_accum_dtype)
+    else:
+        graphdef, params = _inputs(hf_config, devices, seq, config.train_micro_batch_size_per_gpu, grad_accum_dtype)
     device_list = _devices(devices, target)
     chosen, tried = search_stage(
         config, build=lambda option: config_plan(option, params, device_list),

@@ -6,6 +6,8 @@ itself with XLA_FLAGS=--xla_force_host_platform_device_count=N) and XLA's memory
 program's collectives are reported. `--target h100|a100|tpu-v5p|tpu-v5e|tpu-v6e` (or a GpuTargetConfig
 file) compiles for N of those accelerators instead, with their own compiler, on any machine (`pip
 install 'zerojax[aot]'`). `--stage auto` prints the cheapest option that fits --device-memory.
+`--deepspeed CONFIG` estimates the step the Trainer compiles for that DeepSpeed config (its stage,
+offload, precision, optimizer, micro-batch and accumulation) instead of the one the flags describe.
 Without --target, --devices is at most MAX_SIMULATED_DEVICES (4096); the re-run dies with this command.
 """
 
@@ -46,6 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--offload-mode", choices=["streamed", "host"], default="streamed",
                    help="optimizer offload: update on the device with the state streamed in (default, as a config "
                    "gives the Trainer) or on the host, as DeepSpeed's CPU Adam")
+    p.add_argument("--deepspeed", metavar="CONFIG",
+                   help="a DeepSpeed config (no \"auto\" values): estimate the step the Trainer compiles for it, "
+                   "in place of --stage, --offload-*, --micro-batch and --grad-accum-dtype")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -57,6 +62,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
             "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--grad-accum-dtype", args.grad_accum_dtype,
             "--offload-mode", args.offload_mode]
     argv += ["--device-memory", args.device_memory] if args.device_memory else []
+    argv += ["--deepspeed", args.deepspeed] if args.deepspeed else []
     return argv + ["--compiled"] * args.compiled + ["--json"] * args.json
 
 
@@ -75,6 +81,23 @@ def _options(stage: str, offload_optimizer: bool, offload_param: bool) -> list[t
         return [(int(stage), offload_optimizer, offload_param)]
     low = 3 if offload_param else (1 if offload_optimizer else 0)
     return [(s, offload_optimizer, offload_param) for s in range(low, 4)]
+
+
+def _deepspeed(args: argparse.Namespace, model_config: dict):
+    """The `--deepspeed` config resolved for --devices (None without one); raises ValueError when a flag it
+    replaces is given too."""
+    if not args.deepspeed:
+        return None
+    from zerojax.config import load_config
+
+    given = [flag for flag, value, default in (
+        ("--stage", args.stage, "all"), ("--offload-optimizer", args.offload_optimizer, "none"),
+        ("--offload-param", args.offload_param, "none"), ("--micro-batch", args.micro_batch, 1),
+        ("--grad-accum-dtype", args.grad_accum_dtype, "fp32")) if value != default]
+    if given:
+        raise ValueError(f"--deepspeed states the stage, offload, micro-batch and accumulator dtype; drop "
+                         f"{', '.join(given)}.")
+    return load_config(args.deepspeed, model_config=model_config, world_size=args.devices)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         for name in ("devices", "seq", "micro_batch"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer.")
+        deepspeed = _deepspeed(args, config)
+        auto = args.stage == "auto" or (deepspeed is not None and deepspeed.stage == "auto")
+        if auto and memory is None:
+            raise ValueError('--deepspeed: zero_optimization.stage "auto" needs --device-memory (e.g. --device-memory '
+                             "80GB) to choose a stage.")
         if not args.target and args.devices > MAX_SIMULATED_DEVICES:
             raise ValueError(
                 f"--devices={args.devices}: without --target the estimate builds that many simulated CPU devices, "
@@ -115,10 +143,14 @@ def run(args: argparse.Namespace) -> int:
             if os.environ.get(_CHILD):
                 raise ValueError(f"--devices={args.devices}: only {jax.device_count()} devices after re-running.")
             return _rerun(args)
-        if args.stage == "auto":
+        if auto:
             chosen = est.choose_stage(config, args.devices, memory, seq=args.seq, micro_batch=args.micro_batch,
-                                      compiled=args.compiled, grad_accum_dtype=args.grad_accum_dtype, target=target)
+                                      compiled=args.compiled, grad_accum_dtype=args.grad_accum_dtype, target=target,
+                                      config=deepspeed)
             results = [chosen]
+        elif deepspeed is not None:
+            results = [est.estimate(config, args.devices, seq=args.seq, device_memory=memory, compiled=args.compiled,
+                                    target=target, offload_mode=args.offload_mode, config=deepspeed)]
         else:
             results = [
                 est.estimate(config, args.devices, s, seq=args.seq, micro_batch=args.micro_batch,
@@ -133,15 +165,19 @@ def run(args: argparse.Namespace) -> int:
                "params": results[0].params, "devices": args.devices, "seq": args.seq,
                "micro_batch": args.micro_batch, "device_memory": memory,
                "stages": [r.as_json() for r in results]}
-        if args.stage == "auto":
+        if auto:
             out["chosen"] = est.describe_option(results[0])
         print(json.dumps(out, indent=2))
         return 0
     where = f"{args.devices} x {target.description}" if target else f"{args.devices} devices"
-    print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, "
-          f"micro-batch {args.micro_batch}, bf16 mixed-precision AdamW, {args.grad_accum_dtype} gradient "
-          "accumulator, full remat")
-    if args.stage == "auto":
+    if args.deepspeed:
+        print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, the Trainer's step for "
+              f"{args.deepspeed}, full remat")
+    else:
+        print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, "
+              f"micro-batch {args.micro_batch}, bf16 mixed-precision AdamW, {args.grad_accum_dtype} gradient "
+              "accumulator, full remat")
+    if auto:
         print(f'stage "auto" chooses {est.describe_option(results[0])}')
     print(est.table(results))
     return 0
