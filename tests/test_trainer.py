@@ -64,6 +64,15 @@ def stage0_curve(data):
 ], ids=["zero1", "zero2", "zero3", "zero3-offload"])
 def test_every_stage_trains_the_same_curve(data, stage0_curve, config):
     t = trainer(data, config)
+    stage, offload = config["zero_optimization"]["stage"], "offload_optimizer" in config["zero_optimization"]
+    assert t.plan.rules.stage == stage
+    # the state the Trainer trains is laid out for that stage: optimizer state sharded (stages 1-3) and in
+    # host memory with offload_optimizer (the fp32 parameters stay whole at stage 3 too: each is below the
+    # config's persistence threshold, 1e5)
+    sharded = lambda tree: {any(a is not None for a in x.sharding.spec) for x in jax.tree.leaves(tree) if x.ndim > 1}
+    assert sharded(t.state.opt_state) == {True} and sharded(t.state.params) == {False}
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves((t.state.master, t.state.opt_state)) if x.ndim}
+    assert kinds == {"pinned_host" if offload else "device"}
     out = t.train()
     assert out.global_step == 8 and not out.interrupted
     ref, ref_eval = stage0_curve
