@@ -13,6 +13,8 @@ the test modules that cover the code it changes. "before" is what the suite caug
 | R5 | rules: persistence threshold compared with the whole stack, not one layer | passed (test_rules, test_memory, test_parity scanned) | test_stacked_persistence_threshold_counts_one_layer |
 | R6 | rules: hpZ parameters sharded over every data axis | test_rules::test_hierarchies | |
 | R7 | rules: MiCS shards over every data axis | test_rules::test_hierarchies | |
+| R8 | rules: persistence threshold `<=` as `<` (DeepSpeed keeps `ds_numel <= threshold` whole) | passed | test_rules::test_indivisible_replicated_and_threshold (boundary case) |
+| Z1 | zeropp: a block's scale from the max alone (a fused max drops NaN on XLA:CPU) | passed (eager quantizer tests) | test_zeropp::test_qwz_and_qgz_together_keep_the_gradient_and_the_non_finite_skip |
 | S1 | step: `mode="host"` runs the streamed (device) update | passed (test_offload, test_estimate; issue 18) | test_host_mode_runs_the_update_on_the_host_and_streamed_on_the_device |
 | S2 | step: no all-reduce over the axes a leaf is replicated on (stage 0, MiCS) | test_parity | |
 | S3 | step: loss metric not averaged over ranks | test_parity | also test_sgd_steps_match_plain_jax_on_one_device |
@@ -55,9 +57,6 @@ the test modules that cover the code it changes. "before" is what the suite caug
 | T2 | trainer: drops `offload_optimizer` | passed (test_trainer) | test_trainer::test_every_stage_trains_the_same_curve (fixed) |
 
 Not caught, on purpose:
-- rules: persistence threshold `<` to `<=`. DeepSpeed keeps a parameter whole when `ds_numel <=
-  stage3_param_persistence_threshold` (`_get_persistent_parameters`), zerojax when `<`: a test of the
-  boundary would pin one of two disagreeing behaviours, so it waits for that to be settled.
 - offload: `offloaded_leaves` stopping at `moved > ratio * total` instead of `>=` (one more leaf when the
   bytes land exactly on the ratio): DeepSpeed's `ratio` is itself approximate (whole parameter groups).
 - Mutations that XLA:CPU cannot tell apart from the real thing at run time (one memory space): where

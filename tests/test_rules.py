@@ -53,6 +53,10 @@ def test_indivisible_replicated_and_threshold(mesh):
     small = rules.layout((8, 8))
     assert small.param_spec == P(None, None) and small.opt_spec == P("fsdp", None) and "persistent" in small.note
     assert rules.layout((8, 256)).param_spec == P("fsdp", None)
+    # DeepSpeed keeps a parameter whole when ds_numel <= stage3_param_persistence_threshold
+    boundary = zj.ZeroRules(mesh, stage=3, persistence_threshold=64)
+    assert boundary.layout((8, 8)).param_spec == P(None, None)
+    assert boundary.layout((8, 16)).param_spec == P("fsdp", None)
 
 
 def test_hierarchies():

@@ -81,7 +81,7 @@ class ZeroRules:
     """The ZeRO stage and its options over a mesh; `layout` turns a tensor shape into a `LeafLayout`.
 
     `persistence_threshold` is DeepSpeed's `stage3_param_persistence_threshold`: at stage 3 a
-    parameter with fewer elements stays replicated (its gradient and optimizer state are still
+    parameter of at most that many elements (one layer's, for a stacked one) stays replicated (its gradient and optimizer state are still
     sharded, as at stage 2). zerojax's default is 0 (shard everything); DeepSpeed configs bring 1e5.
     `quantization` makes the stage-3 weight gathers and the gradient reduce-scatters move quantized
     blocks (ZeRO++ qwZ and qgZ, `zerojax.zeropp`).
@@ -177,8 +177,8 @@ class ZeroRules:
             return LeafLayout(shape, entries, None, note=why, stacked=stacked)
         dim = free[0]  # the major-most: a shard is one contiguous block (no transposed copy to gather it)
         note = "sharded"
-        if param and math.prod(shape[first:]) < self.persistence_threshold:
-            param, note = (), "parameter persistent (below persistence threshold)"
+        if param and math.prod(shape[first:]) <= self.persistence_threshold:
+            param, note = (), "parameter persistent (within persistence threshold)"
         return LeafLayout(shape, entries, dim, param, grad, opt, note, stacked)
 
     def layouts(self, params: Any, base_specs: Any = None, stacked: Any = None) -> Any:
