@@ -1,4 +1,4 @@
-"""One path from a resolved DeepSpeed config to the program a run compiles: its optimizer, plan, loss and
+"""One path from a resolved DeepSpeed config to the program a run compiles: its mesh, optimizer, plan, loss and
 train step, the abstract global batch, and the one stage-"auto" search.
 
 The Trainer and `zerojax estimate` (its `choose_stage` too) both build here, so an estimate sizes the
@@ -25,6 +25,13 @@ def decay_mask(params: Any) -> Any:
 def optimizer(config, params: Any, total_steps: int | None = None):
     """The config's optax optimizer for `params`, decaying all but biases and norms (`decay_mask`)."""
     return config.optimizer(total_steps=total_steps, weight_decay_mask=decay_mask(params))
+
+
+def mesh(config, devices: list):
+    """The mesh of `config` over `devices`: its hpZ/MiCS groups on `fsdp`, replicated across `replica`."""
+    from zerojax.mesh import make_mesh
+
+    return make_mesh(devices=devices, **config.mesh_shape(len(devices)))
 
 
 def plan(config, params: Any, tx, mesh, offload_mode: str | None = None):

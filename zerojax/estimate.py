@@ -307,10 +307,9 @@ def arguments_config(stage, devices: int, *, micro_batch: int = 1, offload_optim
 def config_plan(config, params, devices, offload_mode: str = "streamed"):
     """The plan the Trainer builds for `config` (its stage resolved) and `params` on `devices`."""
     from zerojax import configured
-    from zerojax.mesh import make_mesh
 
-    mesh = make_mesh(devices=devices, **config.mesh_shape(len(devices)))
-    return configured.plan(config, params, configured.optimizer(config, params), mesh, offload_mode)
+    return configured.plan(config, params, configured.optimizer(config, params), configured.mesh(config, devices),
+                           offload_mode)
 
 
 def configured_step(graphdef, plan, config, seq: int):

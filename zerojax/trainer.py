@@ -37,7 +37,6 @@ from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, de
 from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
 from zerojax import configured
 from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
-from zerojax.mesh import make_mesh
 from zerojax.plan import TrainState, init_state
 from zerojax.step import make_eval_step
 from zerojax.targets import resolve as resolve_target
@@ -123,7 +122,7 @@ class Trainer:
                              "TrainingArguments.max_steps.")
         config = self.args.deepspeed if self.args.deepspeed is not None else DEFAULT_CONFIG
         self.config = load_config(config, training_args=self.args, model_config=hf_config, world_size=len(devices))
-        self.mesh = make_mesh(devices=devices, **self.config.mesh_shape(len(devices)))
+        self.mesh = configured.mesh(self.config, devices)
         self.total_steps = self.args.total_steps(len(devices))
         tx = configured.optimizer(self.config, params, self.total_steps)
         self.loss_fn = loss_fn
@@ -137,7 +136,7 @@ class Trainer:
             mesh = self.mesh
             if target is not None:
                 target = resolve_target(target)
-                mesh = make_mesh(devices=target.devices(len(devices)), **self.config.mesh_shape(len(devices)))
+                mesh = configured.mesh(self.config, target.devices(len(devices)))
                 device_memory = device_memory or target.memory_bytes
             memory = _memory_budget(devices[0], device_memory)
             self.config = self._choose_stage(params, tx, memory, mesh)
