@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from zerojax.mesh import DATA_AXES, data_parallel_size
+from zerojax.mesh import DATA_AXES, check_batch_rows, data_parallel_size
 
 COORDINATOR = "ZEROJAX_COORDINATOR"
 NUM_PROCESSES = "ZEROJAX_NUM_PROCESSES"
@@ -283,15 +283,8 @@ def global_batch(process_local_batch: Any, mesh: Mesh) -> Any:
     ranks = data_parallel_size(mesh)
     local_shards = len({i[0].start for i in sharding.addressable_devices_indices_map((ranks,)).values()})
 
-    def place(path, x):
-        x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % local_shards:
-            raise ValueError(
-                f"global_batch: leaf {jax.tree_util.keystr(path) or 'batch'} has shape {x.shape}; its "
-                f"leading dimension (this process's rows) must be a multiple of {local_shards}, the "
-                "number of batch shards on this process's devices; give each process "
-                "global batch / process count rows."
-            )
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree_util.tree_map_with_path(place, process_local_batch)
+    check_batch_rows(process_local_batch, local_shards, lambda leaf, shape: (
+        f"global_batch: leaf {leaf} has shape {shape}; its leading dimension (this process's rows) must be a "
+        f"multiple of {local_shards}, the number of batch shards on this process's devices; give each process "
+        "global batch / process count rows."))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), process_local_batch)

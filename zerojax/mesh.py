@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -56,3 +56,11 @@ def make_mesh(
 def data_parallel_size(mesh: Mesh) -> int:
     """The number of data-parallel (ZeRO) ranks: the product of the 'replica' and 'fsdp' axes."""
     return math.prod(mesh.shape[a] for a in DATA_AXES)
+
+
+def check_batch_rows(batch, multiple: int, explain: Callable[[str, tuple], str]) -> None:
+    """Raises a ValueError, `explain(leaf name, shape)`, for the first leaf of `batch` whose leading
+    (batch) dimension is missing or not a multiple of `multiple`."""
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        if np.ndim(x) == 0 or np.shape(x)[0] % multiple:
+            raise ValueError(explain(jax.tree_util.keystr(path) or "batch", tuple(np.shape(x))))

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from zerojax.gather import Sharded, reduce_scatter
 from zerojax.layerwise import is_elementwise, update_by_layer
 from zerojax.loss import TokenLoss, batch_mean, token_weight, value
-from zerojax.mesh import DATA_AXES, TENSOR
+from zerojax.mesh import DATA_AXES, TENSOR, check_batch_rows
 from zerojax.offload import HOST_KINDS, on_device, to_memory
 from zerojax.plan import TrainState, ZeroPlan, check_params
 from zerojax.rules import LeafLayout, is_layout
@@ -391,11 +391,7 @@ def _local_shape(layout: LeafLayout, axes, mesh) -> tuple[int, ...]:
 
 
 def _check_batch(batch, multiple: int) -> None:
-    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
-        if x.ndim == 0 or x.shape[0] % multiple:
-            raise ValueError(
-                f"train step: batch leaf {jax.tree_util.keystr(path) or 'batch'} has shape {tuple(x.shape)}; "
-                f"its leading (batch) dimension must be a multiple of {multiple} = data-parallel size x "
-                "micro_batches. Use a global batch of train_micro_batch_size_per_gpu x "
-                "gradient_accumulation_steps x data-parallel size."
-            )
+    check_batch_rows(batch, multiple, lambda leaf, shape: (
+        f"train step: batch leaf {leaf} has shape {shape}; its leading (batch) dimension must be a multiple of "
+        f"{multiple} = data-parallel size x micro_batches. Use a global batch of train_micro_batch_size_per_gpu x "
+        "gradient_accumulation_steps x data-parallel size."))
