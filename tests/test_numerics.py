@@ -55,3 +55,23 @@ def test_bf16_skips_and_counts_non_finite_steps():
     assert int(state.skipped) == 1 and int(state.step) == 6
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), history[3][2], history[3][3]))
     assert any(changed), "a clean step after a skipped one updates the parameters again"
+
+
+def test_skips_in_a_row_live_in_the_state_and_survive_a_checkpoint(tmp_path):
+    """Two skipped steps in a row after a clean one: the count is in the state (the Trainer's stop reads
+    it), so a resumed run continues it; a checkpoint from before the count restores it as 0."""
+    from zerojax.checkpoint import CheckpointManager
+
+    _, state = run(zj.Precision.bf16(), {1: "nan", 2: "nan"}, steps=3)
+    assert (int(state.skipped), int(state.skips_in_a_row), int(state.step)) == (2, 2, 3)
+    plan = zj.make_plan(tiny.init_params(), optax.adam(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3),
+                        zj.Precision.bf16())
+    with CheckpointManager(tmp_path / "new") as manager:
+        manager.save(state)
+    assert int(CheckpointManager(tmp_path / "new", read_only=True).restore(plan).state.skips_in_a_row) == 2
+    with CheckpointManager(tmp_path / "old") as manager:
+        manager.save(state._replace(skips_in_a_row=None))
+    old = CheckpointManager(tmp_path / "old", read_only=True).restore(plan).state
+    assert int(old.skips_in_a_row) == 0 and int(old.skipped) == 2
+    history, _ = run(zj.Precision.bf16(), {1: "nan"}, steps=3)
+    assert [h[0] for h in history] == [False, True, False]

@@ -24,7 +24,8 @@ class TrainState(NamedTuple):
     fp32 copy (opt layout) where the plan keeps one (`ZeroPlan.keeps_master`: then `params` are in the
     compute dtype), else None and `params` themselves are updated (fp32 training, and ZeRO-3, whose
     sharded fp32 parameters are cast to the compute dtype where the model gathers them);
-    `skipped` counts steps skipped for non-finite gradients.
+    `skipped` counts steps skipped for non-finite gradients, `skips_in_a_row` those since the last
+    applied step (optax's `apply_if_finite` keeps the same two counts), so both survive a resume.
     """
 
     step: jax.Array
@@ -33,6 +34,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     loss_scale: LossScaleState | None
     skipped: jax.Array
+    skips_in_a_row: jax.Array
 
     @property
     def weights(self) -> Any:
@@ -129,6 +131,7 @@ class ZeroPlan:
             loss_scale=None if scaler is None else placed(jax.eval_shape(scaler.init), LossScaleState(
                 replicated, replicated, replicated)),
             skipped=counter,
+            skips_in_a_row=counter,
         )
 
     def abstract_state(self) -> TrainState:
@@ -211,6 +214,7 @@ def _fresh_state(plan: ZeroPlan, params: Any) -> TrainState:
         opt_state=plan.tx.init(master),
         loss_scale=None if prec.loss_scale is None else prec.loss_scale.init(),
         skipped=jnp.zeros((), jnp.int32),
+        skips_in_a_row=jnp.zeros((), jnp.int32),
     )
 
 

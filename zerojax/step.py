@@ -221,6 +221,7 @@ def make_train_step(
             opt_state=opt_state,
             loss_scale=loss_scale,
             skipped=state.skipped + (~finite).astype(jnp.int32),
+            skips_in_a_row=jnp.where(finite, 0, state.skips_in_a_row + 1),
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite, "loss_scale": scale}
         return new_state, metrics

@@ -286,12 +286,12 @@ class Trainer:
         if args.eval_on_start and self.eval_batches is not None and start == 0:
             metrics = self.evaluate()
             self._log({"step": 0, **metrics})
-        tick, last, skips_in_a_row = time.perf_counter(), start, 0
+        tick, last = time.perf_counter(), start
         with _StopOnSignal() as stop:
             for s in range(start, total):
                 batch = self.train_batches.global_batch(s, self.mesh)
                 self.state, out = self.train_step(self.state, batch, *(() if self.key is None else (self.key,)))
-                skips_in_a_row = skips_in_a_row + 1 if bool(out["skipped"]) else 0
+                skips_in_a_row = int(self.state.skips_in_a_row)  # kept in the state: a resume continues it
                 if skips_in_a_row >= self.max_consecutive_skips:
                     raise FloatingPointError(
                         f"Trainer: {skips_in_a_row} steps in a row (up to step {s + 1}) had non-finite "

@@ -6,7 +6,7 @@ Modules: `manager` (`CheckpointManager`), `options` (what to keep), `integrity` 
 
 A checkpoint step is a folder `DIR/<step>` with two orbax items:
 
-- `state`: the `TrainState` as a dict `{step, params, master, opt_state, loss_scale, skipped}` (absent
+- `state`: the `TrainState` as a dict `{step, params, master, opt_state, loss_scale, skipped, skips_in_a_row}` (absent
   entries omitted) saved shard by shard from every process; with `save_only_model` only `params`.
 - `meta`: JSON — RNG key, data position, the resolved config, the model's Hugging Face config (so an
   export needs nothing but the folder), the metrics of the step and what was saved.

@@ -364,6 +364,8 @@ class CheckpointManager:
         source = weights_field(saved)
         item = {source: abstract.weights, "opt_state": abstract.opt_state,
                 "step": abstract.step, "skipped": abstract.skipped}
+        if "skips_in_a_row" in saved:  # absent from checkpoints older than the count: none then
+            item["skips_in_a_row"] = abstract.skips_in_a_row
         if abstract.loss_scale is not None:
             if "loss_scale" not in saved:
                 raise CheckpointError(
@@ -374,8 +376,11 @@ class CheckpointManager:
             item["loss_scale"] = abstract.loss_scale
         got = self._read(step, item, saved)
         params, master = _weights(got[source], abstract)
+        in_a_row = got.get("skips_in_a_row")
+        if in_a_row is None:
+            in_a_row = jax.device_put(np.zeros((), np.int32), abstract.skips_in_a_row.sharding)
         state = TrainState(step=got["step"], params=params, master=master, opt_state=got["opt_state"],
-                           loss_scale=got.get("loss_scale"), skipped=got["skipped"])
+                           loss_scale=got.get("loss_scale"), skipped=got["skipped"], skips_in_a_row=in_a_row)
         return Restored(step, state, _decode_rng(meta["rng"]), meta["data_position"], meta["config"],
                         meta["hf_config"], meta["metrics"])
 
