@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax import hlo
@@ -54,3 +55,38 @@ def test_a_compiler_refusal_for_memory_is_a_step_that_does_not_fit():
     assert refused.temp_bytes == int(101.78 * 2**30) and refused.available_bytes == int(95.74 * 2**30)
     assert "101.78 GiB per device, more than the 95.74 GiB" in str(refused)
     assert _refused_for_memory(RuntimeError("INTERNAL: something else")) is None
+
+
+_UNCOUNTED_LOOP = """HloModule m
+
+%body (p: (u32[], f32[8])) -> (u32[], f32[8]) {
+  %p = (u32[], f32[8]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %v = f32[8] get-tuple-element(%p), index=1
+  %w = f32[8] BODY_OP
+  ROOT %t = (u32[], f32[8]) tuple(%i, %w)
+}
+
+%cond (p: (u32[], f32[8])) -> pred[] {
+  %p = (u32[], f32[8]) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[64] {
+  %a = f32[8] parameter(0)
+  %z = u32[] constant(0)
+  %init = (u32[], f32[8]) tuple(%z, %a)
+  %loop = (u32[], f32[8]) while(%init), condition=%cond, body=%body
+  ROOT %ag = f32[64] all-gather(%a), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+}
+"""
+
+
+def test_a_loop_of_the_compilers_own_needs_no_trip_count_unless_it_moves_something():
+    """XLA:TPU adds while loops whose count its program text does not state (seen in the quantized
+    ZeRO++ step): one without collectives is read past; one with a collective is still refused."""
+    quiet = _UNCOUNTED_LOOP.replace("BODY_OP", "negate(%v)")
+    assert hlo.compiled_collectives(quiet) == {"all-gather": {"f32": 256}}
+    busy = _UNCOUNTED_LOOP.replace("BODY_OP", "all-reduce(%v), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%cond")
+    with pytest.raises(ValueError, match="no known trip count"):
+        hlo.compiled_collectives(busy)

@@ -224,7 +224,8 @@ def compiled_program(text: str) -> list[Collective]:
     """Every collective of a compiled HLO module (`compiled.as_text()`, XLA:CPU, XLA:GPU or XLA:TPU) once,
     with how often it runs per step.
 
-    While bodies count their trip count times; a conditional's branches and async computations count
+    While bodies count their trip count times (a body without collectives needs none: XLA:TPU adds loops
+    of its own whose count it does not state); a conditional's branches and async computations count
     once; an async collective (`*-start`) is read from its start, its done is not counted again.
     """
     computations: dict[str, list[str]] = {}
@@ -268,9 +269,9 @@ def compiled_program(text: str) -> list[Collective]:
                 if opcode not in _NOT_COMPUTE and not started:
                     pending = {k: (i, True) for k, (i, _) in pending.items()}
                 callees = []
-                if opcode == "while":
-                    trip = _while_trip_count(line, computations)
-                    callees.append((re.search(r"body=%([\w.\-]+)", line).group(1), trip))
+                if opcode == "while":  # a trip count is needed only when the body moves something
+                    body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                    callees.append((body, _while_trip_count(line, computations) if visit(body) else 1))
                 else:
                     for key in ("calls", "to_apply", "branch_computations"):
                         for group in re.findall(key + r"=(\{[^}]*\}|%[\w.\-]+)", line):
