@@ -76,9 +76,9 @@ def test_compiled_offload_keeps_host_state_off_the_device_peak(offload_param):
     c = e.compiled
     assert c.host_layout_bytes == e.host_bytes == e.master_bytes + e.optimizer_bytes + offload_param * e.param_bytes
     # XLA:CPU does not split memory spaces: what stays on the device is the bf16 parameter shards,
-    # the batch and two int32 counters
+    # the batch and three int32 counters (step, skipped, skips_in_a_row)
     assert c.host_argument_bytes == 0
-    assert c.device_argument_bytes == (not offload_param) * e.param_bytes + c.batch_bytes + 8
+    assert c.device_argument_bytes == (not offload_param) * e.param_bytes + c.batch_bytes + 12
     assert e.peak_bytes == c.device_argument_bytes + c.output_bytes - c.alias_bytes + c.temp_bytes
 
 

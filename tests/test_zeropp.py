@@ -236,3 +236,21 @@ def test_stage_auto_with_quantized_weights_only_tries_stage_3():
     config = load_config({"train_batch_size": 8, "zero_optimization": {"stage": "auto", "zero_quantized_weights": True,
                                                                        "zero_quantized_gradients": True}}, world_size=8)
     assert {option[0] for option in config.stage_options()} == {3}
+
+
+def test_the_estimate_of_a_zeropp_config_shows_the_quantized_bytes_by_dtype():
+    """`zerojax estimate --deepspeed` compiles the config's own step: its collectives are int8 (s8 gathers and
+    all-to-alls, fp32 scales), and the theory, which prices qgZ's hops, agrees with the all-to-all bytes."""
+    from zerojax.estimate import estimate
+
+    config = load_config({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+                          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+                          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                                "zero_quantized_weights": True,
+                                                "zero_quantized_gradients": True, "zero_hpz_partition_size": 4}},
+                         world_size=8)
+    result = estimate(LLAMA, 8, config=config, seq=32, compiled=True)
+    lowered = result.compiled.lowered_collectives
+    assert set(lowered["all-gather"]) == {"i8", "f32"} and set(lowered["all-to-all"]) == {"i8", "f32"}
+    assert "reduce-scatter" not in lowered
+    assert result.theory_collectives["all-to-all"] == pytest.approx(sum(lowered["all-to-all"].values()), rel=0.01)

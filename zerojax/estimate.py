@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -417,6 +418,26 @@ def estimate(
     return _measure(hf_config, graphdef, plan, config, seq, device_memory, compiled, target)
 
 
+def _theory_collectives(plan, psi: int) -> dict:
+    """Bytes per step by kind as the ZeRO paper counts them (2Ψ or 3Ψ elements), at the widths on the wire:
+    the compute dtype, the reduce dtype, or ZeRO++'s quantized blocks (`zerojax.zeropp.wire_itemsize`; qgZ's
+    all-to-all once per mesh axis, each hop moving what the hops before it left)."""
+    from zerojax.mesh import FSDP
+    from zerojax.zeropp import wire_itemsize
+
+    prec, rules, quant = plan.precision, plan.rules, plan.rules.quantization
+    stage = rules.stage
+    gather_width = wire_itemsize(8, quant.weight_block) if quant.weights else prec.compute_dtype.itemsize
+    gathers = {0: 0, 1: 1, 2: 1, 3: 2}[stage] * psi * gather_width  # stage 3: forward, and again in the backward
+    if stage and quant.gradients:
+        scattered = (FSDP,) if rules.hierarchy == "mics" else sorted(rules.data_axes, key=lambda a: a != FSDP)
+        sizes = [rules.mesh.shape[a] for a in scattered if a in rules.data_axes]  # fsdp first, as zeropp does
+        hops = sum(1 / math.prod(sizes[:i]) for i in range(len(sizes)))
+        return {"all-gather": gathers, "all-to-all": psi * hops * wire_itemsize(quant.gradient_bits, quant.gradient_block)}
+    rb = prec.reduce_dtype.itemsize
+    return {"all-gather": gathers, "reduce-scatter": psi * rb if stage else 0, "all-reduce": 0 if stage else 2 * psi * rb}
+
+
 def _measure(hf_config: dict, graphdef, plan, config, seq: int, device_memory: int | None, compiled: bool,
              target) -> StageEstimate:
     """The estimate of `plan` (built for `config`): analytic bytes, and the compiled step's with `compiled`."""
@@ -425,12 +446,10 @@ def _measure(hf_config: dict, graphdef, plan, config, seq: int, device_memory: i
     report = memory_report(plan)
     prec, stage, devices = plan.precision, plan.rules.stage, plan.rules.data_size
     psi = report.num_params
-    cb, ab, rb = prec.compute_dtype.itemsize, prec.accum_dtype.itemsize, prec.reduce_dtype.itemsize
+    cb, ab = prec.compute_dtype.itemsize, prec.accum_dtype.itemsize
     theory = zero_formula_bytes(stage, psi, devices, param_bytes=cb if plan.keeps_master else 0, grad_bytes=ab,
                                 optimizer_bytes=prec.master_dtype.itemsize + 8)
-    gathers = {0: 0, 1: 1, 2: 1, 3: 2}[stage] * psi * cb  # stage 3: forward, and again in the remat backward
-    theory_collectives = {"all-gather": gathers, "reduce-scatter": psi * rb if stage else 0,
-                          "all-reduce": 0 if stage else 2 * psi * rb}
+    theory_collectives = _theory_collectives(plan, psi)
     result = StageEstimate(
         stage=stage, offload_optimizer=config.offload_optimizer.enabled, offload_param=config.offload_param.enabled,
         devices=devices, params=psi,
@@ -561,7 +580,7 @@ def table(estimates: list[StageEstimate]) -> str:
            if estimates and estimates[0].compiled else "analytic (device model states + activations)")
     lines.append(
         f"{unit} per device. states: params + gradient accumulator + master + optimizer state (theory: the ZeRO "
-        f"formula); peak: {src}; comm/step: all-gather results + reduce-scatter operands + 2 x all-reduce operands."
+        f"formula); peak: {src}; comm/step: all-gather results + reduce-scatter and all-to-all operands + 2 x all-reduce operands."
     )
     lines += [f"no*: {describe_option(e)}: {e.refused}" for e in estimates if e.refused]
     return "\n".join(lines)

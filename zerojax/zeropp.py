@@ -133,3 +133,7 @@ def reduce_scatter(g: jax.Array, axes: tuple[str, ...], dim: int, bits: int, blo
     shard = _unblock(rows.reshape(rows.shape[len(sizes):]), 0, chunk)
     return jnp.moveaxis(shard, 0, dim)
 
+
+def wire_itemsize(bits: int, block: int) -> float:
+    """Bytes an element takes on the wire as `bits`-bit blocks of `block` elements with fp32 scales."""
+    return bits / 8 + 4 / block
