@@ -46,7 +46,7 @@ def test_step_collectives_add_what_only_the_compiled_program_moves():
 def test_a_compiler_refusal_for_memory_is_a_step_that_does_not_fit():
     """XLA:TPU does not compile a step whose temporaries exceed the chip's memory: the estimator reads
     its message as "does not fit", with the bytes it says the step needs."""
-    from zerojax.estimate import DeviceMemoryExceeded, _refused_for_memory
+    from zerojax.compiled import DeviceMemoryExceeded, _refused_for_memory
 
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(101.78G) exceeds available HBM (95.74G).")

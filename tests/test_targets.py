@@ -12,8 +12,8 @@ import optax
 import pytest
 
 import zerojax as zj
-from zerojax import estimate as est
 from zerojax import targets
+from zerojax.compiled import compile_train_step
 from zerojax.models import abstract_model, causal_lm_loss
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 512, "intermediate_size": 1024,
@@ -52,7 +52,7 @@ def compile_case(model, target: str, case: str):
     batch = jax.ShapeDtypeStruct((micro * plan.rules.data_size, SEQ), jax.numpy.int32,
                                  sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(zj.DATA_AXES)))
     step = zj.make_train_step(causal_lm_loss(graphdef), plan, micro_batches=micro, max_grad_norm=1.0)
-    return plan, est.compile_train_step(step, plan, {"input_ids": batch}, target=target)
+    return plan, compile_train_step(step, plan, {"input_ids": batch}, target=target)
 
 
 def check_state_and_collectives(plan, compiled, *, tolerance: float):

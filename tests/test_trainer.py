@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.args import TrainingArguments
 from zerojax.config import ConfigError
-from zerojax.estimate import compile_train_step
+from zerojax.compiled import compile_train_step
 from zerojax.mesh import DATA_AXES
 from zerojax.data import text_dataset
 from zerojax.models import from_hf_config

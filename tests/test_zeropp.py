@@ -126,11 +126,16 @@ LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermed
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4}
 
 
-@pytest.fixture(scope="module")
-def llama():
+def _llama_parts():
+    """(parameters, loss, a batch of 16 sequences) of the small Llama."""
     graphdef, params = nnx.split(from_hf_config(LLAMA, dtype="fp32", scan_layers=True, remat="full"), nnx.Param)
     batch = {"input_ids": np.random.default_rng(0).integers(0, LLAMA["vocab_size"], (16, 33), dtype=np.int32)}
     return params, causal_lm_loss(graphdef), batch
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama_parts()
 
 
 def _step(llama, quantization, hierarchy="none"):
@@ -254,3 +259,28 @@ def test_the_estimate_of_a_zeropp_config_shows_the_quantized_bytes_by_dtype():
     assert set(lowered["all-gather"]) == {"i8", "f32"} and set(lowered["all-to-all"]) == {"i8", "f32"}
     assert "reduce-scatter" not in lowered
     assert result.theory_collectives["all-to-all"] == pytest.approx(sum(lowered["all-to-all"].values()), rel=0.01)
+
+
+@pytest.mark.slow
+def test_the_compiled_h100_program_moves_the_quantized_bytes():
+    """Deviceless XLA:GPU for 8 H100s keeps the quantized collectives: s8 gathers and all-to-alls at half the
+    exact step's bf16 bytes (int4 gradients: a quarter)."""
+    from zerojax.compiled import compile_train_step
+    from zerojax.targets import TARGETS
+
+    params, loss_fn, _ = _llama_parts()
+    mesh = zj.make_mesh(devices=TARGETS["h100"].devices(8))
+    batch = {"input_ids": jax.ShapeDtypeStruct((8, 32), np.int32, sharding=NamedSharding(mesh, P(zj.DATA_AXES)))}
+
+    def moved(quantization):
+        plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3, quantization=quantization),
+                            zj.Precision.bf16())
+        found = compile_train_step(zj.make_train_step(loss_fn, plan), plan, batch, target="h100").compiled_collectives
+        return {k: sum(v.values()) for k, v in found.items()}, found
+
+    (exact, _), (int8, found), (int4, found4) = (moved(zj.Quantization()), moved(zj.Quantization(True, True)),
+                                                 moved(zj.Quantization(True, True, gradient_bits=4)))
+    assert set(found["all-gather"]) == {"s8", "f32"} and set(found["all-to-all"]) == {"s8", "f32"}
+    assert "u8" in found4["all-to-all"] and "reduce-scatter" not in found
+    assert int8["all-gather"] <= 0.55 * exact["all-gather"]
+    assert int8["all-to-all"] <= 0.55 * exact["reduce-scatter"] and int4["all-to-all"] <= 0.30 * exact["reduce-scatter"]

@@ -13,39 +13,12 @@ so DDP and stages 1-2 move 2Ψ elements per step and stage 3 moves 3Ψ, at the d
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
 
 from zerojax._units import byte_count
-from zerojax.hlo import (by_kind, compiled_collectives, compiled_program, host_layout_bytes, lowered_collectives, overlap,
-                         rewritten, step_collectives)
-
-PRESETS: dict[str, dict] = {
-    "llama-2-7b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                   "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
-    "llama-2-13b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
-                    "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
-    "llama-2-70b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
-                    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
-    "llama-3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                   "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0},
-    "mistral-7b": {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096},
-    "gpt2": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12},
-    "gpt2-medium": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 1024, "n_layer": 24,
-                    "n_head": 16},
-    "gpt2-large": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 1280, "n_layer": 36,
-                   "n_head": 20},
-    "gpt2-xl": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 1600, "n_layer": 48,
-                "n_head": 25},
-}
+from zerojax.compiled import Compiled, DeviceMemoryExceeded, compile_train_step
+from zerojax.hlo import compiled_collectives, host_layout_bytes, lowered_collectives, step_collectives
+from zerojax.sizing import PRESETS, activation_bytes, load_model_config, model_dims
 
 def parse_bytes(text: str | int, what: str = "device_memory") -> int:
     """`'80GB'` (10^9), `'80GiB'` (2^30), `'512MB'` or a plain integer number of bytes."""
@@ -53,145 +26,6 @@ def parse_bytes(text: str | int, what: str = "device_memory") -> int:
     if size is None:
         raise ValueError(f"{what}={text!r} is not a memory size; write e.g. 80GB, 80GiB, 512MB or a byte count.")
     return size
-
-
-def load_model_config(model: str) -> dict:
-    """A Hugging Face config dict: a preset name (see `PRESETS`) or the path of a `config.json`."""
-    if model in PRESETS:
-        return dict(PRESETS[model])
-    if os.path.isdir(model):
-        model = os.path.join(model, "config.json")
-    if not os.path.isfile(model):
-        raise ValueError(
-            f"model={model!r} is neither a preset nor a config.json file; use one of {sorted(PRESETS)} or the "
-            "path of a Hugging Face config.json (or its folder)."
-        )
-    with open(model) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"model={model!r}: not valid JSON ({e}); pass a Hugging Face config.json.") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"model={model!r}: the JSON is a {type(config).__name__}, not a config object.")
-    from zerojax.hf.files import check_sizes
-
-    check_sizes(config, model)
-    return config
-
-
-@dataclasses.dataclass(frozen=True)
-class Dims:
-    """The sizes of a decoder-only transformer that set its activation memory."""
-
-    hidden: int
-    layers: int
-    heads: int
-    inner: int
-    vocab: int
-
-
-def model_dims(hf_config: dict) -> Dims:
-    from zerojax.models import gpt2, llama, model_type
-
-    if model_type(hf_config) == "gpt2":
-        c = gpt2.GPT2Config.from_hf(hf_config)
-        return Dims(c.n_embd, c.n_layer, c.n_head, c.n_inner, c.vocab_size)
-    c = llama.LlamaConfig.from_hf(hf_config)
-    return Dims(c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size, c.vocab_size)
-
-
-def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int = 2) -> int:
-    """Activations per device with full rematerialisation, an estimate (attention not fused).
-
-    The layer inputs the scan saves (L x B x T x H), one layer's recomputed forward and its gradients
-    (about 16 hidden-sized and 3 MLP-sized tensors, fp32 attention scores and probabilities, twice), and
-    the fp32 logits with their gradient.
-    """
-    b, t, h = micro_batch, seq, dims.hidden
-    saved = dims.layers * b * t * h * compute_bytes
-    layer = (16 * b * t * h + 3 * b * t * dims.inner) * compute_bytes + 2 * 2 * b * dims.heads * t * t * 4
-    logits = b * t * dims.vocab * (2 * 4 + compute_bytes)
-    return saved + layer + logits
-
-
-class DeviceMemoryExceeded(ValueError):
-    """The accelerator's compiler refused the step: its temporaries alone exceed the device's memory
-    (XLA:TPU does not compile a program that cannot fit). `temp_bytes` is what it said it needs."""
-
-    def __init__(self, message: str, temp_bytes: int, available_bytes: int):
-        super().__init__(message)
-        self.temp_bytes, self.available_bytes = temp_bytes, available_bytes
-
-
-_OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
-
-
-def _refused_for_memory(error: Exception) -> DeviceMemoryExceeded | None:
-    """The compiler's out-of-memory refusal as a `DeviceMemoryExceeded` (None for any other error)."""
-    m = _OUT_OF_MEMORY.search(str(error))
-    if m is None:
-        return None
-    size = lambda value, unit: int(float(value) * 2 ** (10 * "KMGT".index(unit) + 10))
-    need, have = size(m.group(1), m.group(2)), size(m.group(3), m.group(4))
-    return DeviceMemoryExceeded(
-        f"the compiler refused the step: its temporaries need {need / 2**30:.2f} GiB per device, more than the "
-        f"{have / 2**30:.2f} GiB there are (a higher stage, offload, more devices or a smaller batch would fit)",
-        need, have)
-
-
-@dataclasses.dataclass(frozen=True)
-class Compiled:
-    """XLA's memory analysis of the compiled step, per device, and its collectives per step.
-
-    `peak_bytes` = device arguments + outputs - aliased outputs + temporaries: an upper bound on what
-    the step holds at once, as XLA sizes buffers; with the state donated the outputs alias the
-    arguments, so it is arguments + temporaries. A backend that does not split its statistics by
-    memory space (XLA:CPU reports no host bytes) counts offloaded state among the arguments: then the
-    arguments the compiled program itself places in host memory (`host_layout_bytes`, memory space
-    S(5) in its entry layout) are taken off, while the temporaries still include any host-side work,
-    so the device peak is overstated rather than understated.
-    """
-
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    host_argument_bytes: int
-    host_temp_bytes: int
-    host_layout_bytes: int  # arguments in host memory space per the compiled program's entry layout
-    batch_bytes: int
-    lowered_collectives: dict  # kind -> dtype -> bytes, from the lowered StableHLO
-    compiled_collectives: dict  # kind -> dtype -> bytes, from the compiled HLO (CPU upcasts 16-bit)
-    seconds: float
-    overlap: dict | None = None  # kind (and total) -> share of compiled collective bytes overlapped with compute
-    target: str | None = None  # the accelerator compiled for (`zerojax.targets`); None: this machine's devices
-
-    @property
-    def collective_bytes(self) -> dict[str, int]:
-        """Bytes per step by kind: as an accelerator's compiler emits them; on XLA:CPU, which upcasts
-        16-bit collectives, the lowered program's plus what only the compiled one moves."""
-        if self.target is not None:
-            return {k: sum(v.values()) for k, v in self.compiled_collectives.items()}
-        return step_collectives(self.lowered_collectives, self.compiled_collectives)
-
-    @property
-    def rewritten(self) -> dict[str, int]:
-        """Bytes of all-gathers and reduce-scatters the program asks for that the compiler moves as
-        all-reduces instead (XLA:TPU), by the kind asked for."""
-        return rewritten(self.lowered_collectives, self.compiled_collectives)
-
-    @property
-    def device_argument_bytes(self) -> int:
-        return self.argument_bytes - (self.host_layout_bytes if self.host_argument_bytes == 0 else 0)
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.device_argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-
-    @property
-    def state_bytes(self) -> int:
-        """The train state the step takes as arguments (device and host), the batch excluded."""
-        return self.argument_bytes + self.host_argument_bytes - self.batch_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,41 +309,6 @@ def compile_step(graphdef, plan, config, seq: int, target: str | None = None) ->
     reads its memory and collectives."""
     step, batch = configured_step(graphdef, plan, config, seq)
     return compile_train_step(step, plan, batch, target=target)
-
-
-def compile_train_step(step, plan, batch, target: str | None = None) -> Compiled:
-    """Lowers and compiles `step` (from `make_train_step` for `plan`) ahead of time for `batch` (a pytree
-    of ShapeDtypeStructs with shardings) and reads its memory and collectives; nothing is allocated.
-    `target` names the accelerator the plan's devices are (None: this machine's)."""
-    import time
-
-    import jax
-
-    start = time.perf_counter()
-    replicated = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
-    key = (jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated),) if step.rng else ()
-    lowered = step.lower(plan.abstract_state(), batch, *key)
-    lowered_text = lowered.as_text()
-    try:
-        exe = lowered.compile()
-    except Exception as e:  # jax's JaxRuntimeError: the compiler's own refusal
-        refused = _refused_for_memory(e)
-        if refused is None:
-            raise
-        raise refused from None
-    seconds = time.perf_counter() - start
-    stats, compiled_text = exe.memory_analysis(), exe.as_text()
-    n = plan.rules.data_size
-    program = compiled_program(compiled_text)
-    return Compiled(
-        argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
-        alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
-        host_argument_bytes=stats.host_argument_size_in_bytes, host_temp_bytes=stats.host_temp_size_in_bytes,
-        host_layout_bytes=host_layout_bytes(compiled_text),
-        batch_bytes=sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // n,
-        lowered_collectives=lowered_collectives(lowered_text), compiled_collectives=by_kind(program),
-        seconds=seconds, overlap=overlap(program), target=target,
-    )
 
 
 def choose_stage(

@@ -36,7 +36,8 @@ from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, de
                                resolve_intervals)
 from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
 from zerojax import configured
-from zerojax.estimate import DeviceMemoryExceeded, compile_train_step, option_name, parse_bytes
+from zerojax.compiled import DeviceMemoryExceeded, compile_train_step
+from zerojax.estimate import option_name, parse_bytes
 from zerojax.plan import TrainState, init_state
 from zerojax.step import make_eval_step
 from zerojax.targets import resolve as resolve_target
