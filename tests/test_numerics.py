@@ -73,5 +73,3 @@ def test_skips_in_a_row_live_in_the_state_and_survive_a_checkpoint(tmp_path):
         manager.save(state._replace(skips_in_a_row=None))
     old = CheckpointManager(tmp_path / "old", read_only=True).restore(plan).state
     assert int(old.skips_in_a_row) == 0 and int(old.skipped) == 2
-    history, _ = run(zj.Precision.bf16(), {1: "nan"}, steps=3)
-    assert [h[0] for h in history] == [False, True, False]

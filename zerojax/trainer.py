@@ -9,6 +9,9 @@
 The config decides the mesh, the ZeRO stage, precision, offload, optimizer and schedule; the
 TrainingArguments fill its "auto" values (a disagreement is an error). Datasets follow the batch
 contract of `zerojax.data` (numpy `(N, T)` token ids, or a dict of such arrays).
+
+Its length (about 440 lines) is the Hugging Face surface: the training loop with its strategies,
+callbacks, logging, signals and resume, beside `evaluate`, `save_model` and `plot_loss`.
 """
 
 from __future__ import annotations
