@@ -51,6 +51,7 @@ def _crash_run(tmp_path, kills):
     return summary
 
 
+@pytest.mark.slow  # ~30 s of killed writers
 def test_sigkill_during_async_saves_keeps_a_good_latest_step(tmp_path):
     """3 random SIGKILLs of a run saving every step asynchronously: each time the newest listed step
     verifies and restores bit-identically to the uninterrupted run; no half-written step is listed."""

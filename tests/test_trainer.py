@@ -91,6 +91,7 @@ def compiled_peak(t: Trainer) -> int:
     return compile_train_step(t.train_step, t.plan, batch).peak_bytes
 
 
+@pytest.mark.slow  # ~35 s; configured.search_stage is also tested through estimate.choose_stage
 def test_stage_auto_takes_the_cheapest_option_whose_compiled_step_fits(data, stage0_curve, capsys):
     """`stage: "auto"` compiles the Trainer's own step per option: with the memory stage 0 needs it keeps
     stage 0; one byte less moves it to a higher stage whose step fits, which trains the same curve."""
