@@ -257,15 +257,15 @@ def _theory_collectives(plan, psi: int) -> dict:
     the compute dtype, the reduce dtype, or ZeRO++'s quantized blocks (`zerojax.zeropp.wire_itemsize`; qgZ's
     all-to-all once per mesh axis, each hop moving what the hops before it left)."""
     from zerojax.mesh import FSDP
-    from zerojax.zeropp import wire_itemsize
+    from zerojax.zeropp import hop_order, wire_itemsize
 
     prec, rules, quant = plan.precision, plan.rules, plan.rules.quantization
     stage = rules.stage
     gather_width = wire_itemsize(8, quant.weight_block) if quant.weights else prec.compute_dtype.itemsize
     gathers = {0: 0, 1: 1, 2: 1, 3: 2}[stage] * psi * gather_width  # stage 3: forward, and again in the backward
     if stage and quant.gradients:
-        scattered = (FSDP,) if rules.hierarchy == "mics" else sorted(rules.data_axes, key=lambda a: a != FSDP)
-        sizes = [rules.mesh.shape[a] for a in scattered if a in rules.data_axes]  # fsdp first, as zeropp does
+        scattered = [a for a in ((FSDP,) if rules.hierarchy == "mics" else rules.data_axes) if a in rules.data_axes]
+        sizes = [rules.mesh.shape[a] for a in hop_order(scattered)]
         hops = sum(1 / math.prod(sizes[:i]) for i in range(len(sizes)))
         return {"all-gather": gathers, "all-to-all": psi * hops * wire_itemsize(quant.gradient_bits, quant.gradient_block)}
     rb = prec.reduce_dtype.itemsize

@@ -38,7 +38,7 @@ class Quantization:
     reduce-scatter as `gradient_bits`-bit integers through all-to-all (`gradients`); blocks of at most
     `weight_block` and `gradient_block` elements, each with one fp32 scale. int8 gradients are the
     default: DeepSpeed's int4 moves half the bytes again but, measured on a small Llama, leaves the
-    step's gradient at cosine similarity 0.987 to the exact one (int8: 0.99995)."""
+    step's update at cosine similarity 0.983 to the exact one (int8: 0.99995; benchmarks/results/zeropp.md)."""
 
     weights: bool = False
     gradients: bool = False
@@ -55,10 +55,6 @@ class Quantization:
             if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
                 raise ValueError(f"Quantization: {name}={size!r} must be an even integer >= 2 (elements "
                                  "sharing one scale).")
-
-    @property
-    def enabled(self) -> bool:
-        return self.weights or self.gradients
 
 
 def quantize(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
@@ -119,6 +115,11 @@ def all_gather(x: jax.Array, axes: tuple[str, ...], dim: int, block: int) -> jax
     return whole.reshape(*x.shape[:dim], -1, *x.shape[dim + 1:])
 
 
+def hop_order(axes) -> list[str]:
+    """The mesh axes qgZ reduces over, in the order it reduces them: the intra-node `fsdp` axis first."""
+    return sorted(axes, key=lambda a: a != FSDP)
+
+
 def reduce_scatter(g: jax.Array, axes: tuple[str, ...], dim: int, bits: int, block: int) -> jax.Array:
     """`lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)` in fp32, each rank's chunks sent
     as `bits`-bit blocks with fp32 scales through one all-to-all per axis (see the module docstring)."""
@@ -126,7 +127,7 @@ def reduce_scatter(g: jax.Array, axes: tuple[str, ...], dim: int, bits: int, blo
     chunk = (g.shape[dim] // math.prod(sizes), *g.shape[:dim], *g.shape[dim + 1:])
     # Chunk i (rank i's shard) of `g` along `dim` as row i; the rows indexed by one axis per mesh axis.
     rows = _blocks(jnp.moveaxis(g, dim, 0).reshape(*sizes, -1), len(sizes), block)
-    for i in sorted(range(len(axes)), key=lambda i: axes[i] != FSDP):  # intra-node first
+    for i in map(axes.index, hop_order(axes)):
         q, scale = quantize(rows, bits)
         packed = pack4(q) if bits == 4 else q
         packed = lax.all_to_all(packed, axes[i], i, i, tiled=True)  # axis i now: the sending rank
