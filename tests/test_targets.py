@@ -52,6 +52,8 @@ def compile_case(model, target: str, case: str):
     batch = jax.ShapeDtypeStruct((micro * plan.rules.data_size, SEQ), jax.numpy.int32,
                                  sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(zj.DATA_AXES)))
     step = zj.make_train_step(causal_lm_loss(graphdef), plan, micro_batches=micro, max_grad_norm=1.0)
+    # On TPU without offload the compiler lays the state out (zerojax.layouts); elsewhere row-major.
+    assert (step.jit is not None) == (target.startswith("tpu") and offload is None)
     return plan, compile_train_step(step, plan, {"input_ids": batch}, target=target)
 
 

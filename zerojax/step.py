@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.gather import Sharded, reduce_scatter
 from zerojax.layerwise import is_elementwise, update_by_layer
+from zerojax.layouts import automatic, relayout, unpadded
 from zerojax.loss import TokenLoss, batch_mean, token_weight, value
 from zerojax.mesh import DATA_AXES, TENSOR, check_batch_rows
 from zerojax.offload import HOST_KINDS, on_device, to_memory
@@ -67,6 +68,7 @@ def make_train_step(
     micro_batches: int = 1,
     max_grad_norm: float = 0.0,
     rng: bool = False,
+    state_layout: str | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
     """A jitted `step(state, batch) -> (state, metrics)` that donates `state`.
 
@@ -79,6 +81,9 @@ def make_train_step(
     `rng`: the loss takes a key, `loss_fn(params, batch, key)` (dropout), and the step is called as
     `step(state, batch, key)`; each micro-batch of each rank gets `key` folded with the step number, the
     rank and the micro-batch index, so a run is a pure function of its key.
+    `state_layout`: how the state is laid out in device memory, `"compiler"` (as the compiler prefers, where
+    that pads nothing: see `zerojax.layouts`) or `"row-major"`; None picks the compiler's on TPU without
+    offload (XLA:TPU would otherwise copy some row-major stacked weights every step), else row-major.
     Metrics: `loss` (mean over the global batch), `grad_norm` (before clipping), `skipped` (the update
     was dropped for non-finite gradients) and `loss_scale`.
     """
@@ -227,29 +232,61 @@ def make_train_step(
         return new_state, metrics
 
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(
-        step,
-        in_shardings=(shardings, batch_sharding) + ((replicated,) if rng else ()),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
-    return TrainStep(jitted, plan, ranks * micro_batches, rng)
+
+    def jit(state_formats):
+        """The jitted step taking and returning the state in `state_formats` (shardings, or formats)."""
+        return jax.jit(
+            step,
+            in_shardings=(state_formats, batch_sharding) + ((replicated,) if rng else ()),
+            out_shardings=(state_formats, replicated),
+            donate_argnums=0,
+        )
+
+    offloaded = plan.offload.optimizer is not None or plan.offload.params is not None
+    if state_layout is None:
+        state_layout = "compiler" if mesh.devices.flat[0].platform == "tpu" and not offloaded else "row-major"
+    if state_layout not in ("compiler", "row-major"):
+        raise ValueError(f"make_train_step: state_layout={state_layout!r} must be 'compiler', 'row-major' or None (the "
+                         "compiler's on TPU, row-major elsewhere).")
+    if state_layout == "compiler" and offloaded:
+        raise ValueError("make_train_step: state_layout='compiler' needs the whole state in device memory (XLA:TPU "
+                         "refuses a compiler-chosen layout beside offloaded parameters); use 'row-major' with offload.")
+    return TrainStep(jit(shardings), plan, ranks * micro_batches, rng, jit if state_layout == "compiler" else None)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """The compiled step: call it as `step(state, batch)`, or `lower(state, batch)` to inspect it."""
 
-    jitted: Any
+    jitted: Any  # the step with the state row-major
     plan: ZeroPlan
     batch_multiple: int
     rng: bool = False
+    jit: Callable[[Any], Any] | None = None  # state formats -> the jitted step, when the compiler lays the state out
+    _chosen: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, state: TrainState, batch, key=None) -> tuple[TrainState, dict]:
-        return self.jitted(state, batch, *self._check(state, batch, key))
+        extra = self._check(state, batch, key)
+        jitted, formats = self._program(state, batch, extra)
+        return jitted(state if formats is None else relayout(state, formats), batch, *extra)
 
     def lower(self, state, batch, key=None):
-        return self.jitted.lower(state, batch, *self._check(state, batch, key))
+        extra = self._check(state, batch, key)
+        return self._program(state, batch, extra)[0].lower(state, batch, *extra)
+
+    def _program(self, state, batch, extra) -> tuple[Any, Any]:
+        """(the jitted step, the state's formats or None): with compiler layouts, the formats are chosen
+        once, by compiling the step for the first call's shapes with the state's layout left open."""
+        if self.jit is None:
+            return self.jitted, None
+        if not self._chosen:
+            shardings = self.plan.state_shardings
+            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            abstract = jax.tree.map(spec, (state, batch, *extra))
+            chosen = self.jit(automatic(shardings)).lower(*abstract).compile().input_formats[0][0]
+            formats = unpadded(chosen, self.plan.abstract_state(), shardings)
+            self._chosen.update(jitted=self.jit(formats), formats=formats)
+        return self._chosen["jitted"], self._chosen["formats"]
 
     def _check(self, state, batch, key) -> tuple:
         """The key argument the jitted step takes (none without `rng`), after checking the inputs."""

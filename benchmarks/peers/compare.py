@@ -64,10 +64,12 @@ def compiled(which: str, config: dict, devices, micro: int, seq: int, choice: st
     if which == "zerojax":
         step, plan = zerojax_step(graphdef, params, devices)
         exe = step.lower(plan.abstract_state(), batch_spec(plan.mesh, zj.DATA_AXES, n, micro, seq)).compile()
+        layout = {"state_layout": "compiler" if step.jit else "row-major"}
     else:
         mesh = gspmd_fsdp.fsdp_mesh(devices)
         step, abstract, _ = gspmd_fsdp.make_step(graphdef, params, mesh, choice=choice)
         exe = step.lower(abstract, batch_spec(mesh, gspmd_fsdp.AXIS, n, micro, seq)).compile()
+        layout = {}
     m = exe.memory_analysis()
     params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return {"step": which if which == "zerojax" else f"gspmd-fsdp-{choice}", "layers": config["num_hidden_layers"],
@@ -75,7 +77,7 @@ def compiled(which: str, config: dict, devices, micro: int, seq: int, choice: st
             "temporaries_gib": round(m.temp_size_in_bytes / GIB, 3),
             "peak_gib": round((m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                                + m.temp_size_in_bytes) / GIB, 3),
-            "compile_seconds": round(time.perf_counter() - start, 1)}
+            "compile_seconds": round(time.perf_counter() - start, 1), **layout}
 
 
 def steps(args) -> list[tuple[str, str]]:
@@ -199,8 +201,8 @@ def main() -> int:
         s.add_argument("--devices", type=int, default=8)
         s.add_argument("--seq", type=int, default=2048)
         s.add_argument("--micro-batch", type=int, default=1)
-        s.add_argument("--baselines", nargs="+", choices=["largest", "first"], default=["largest", "first"],
-                       help="the baseline's sharded-dimension choices to compile (default both)")
+        s.add_argument("--baselines", nargs="*", choices=["largest", "first"], default=["largest", "first"],
+                       help="the baseline's sharded-dimension choices to compile (default both; none: zerojax only)")
     sub.choices["peak"].add_argument("--model", default="llama-2-7b")
     sub.choices["peak"].add_argument("--layers", type=int, nargs="+", default=[8, 32])
     sub.choices["largest"].add_argument("--budget")
