@@ -68,7 +68,7 @@ def test_offload_moves_optimizer_state_to_host():
     assert e.analytic_peak_bytes == e.grad_bytes + e.activation_bytes
 
 
-@pytest.mark.parametrize("offload_param", [False, True])
+@pytest.mark.parametrize("offload_param", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_compiled_offload_keeps_host_state_off_the_device_peak(offload_param):
     """The compiled program places exactly the offloaded state in host memory (its entry layout), and
     that is what the device peak leaves out."""

@@ -135,6 +135,7 @@ def _spy_on_fetch(monkeypatch, module) -> list:
     return fetched
 
 
+@pytest.mark.slow  # test_targets compiles the per-layer fetch for v5p in the default suite
 def test_parameter_offload_copies_one_layer_at_a_time_to_the_device(monkeypatch, tmp_path):
     """At stage 3 with parameter offload, a scanned model's stacked parameters stay in host memory
     until the scan copies one layer's shard to the device: same losses as without offload, and the

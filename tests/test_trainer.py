@@ -121,6 +121,7 @@ def test_stage_auto_sizes_the_run_for_a_target_accelerator(data, capsys):
         trainer(data, ZERO("auto", offload_param={"device": "cpu"}), target="h100")
 
 
+@pytest.mark.slow  # test_preemption covers SIGTERM, checkpoint and exact resume in the default suite
 def test_sigterm_checkpoints_and_resume_reaches_the_same_loss(data, stage0_curve, tmp_path):
     full = trainer(data, ZERO(3), steps=8)
     full.train()

@@ -77,6 +77,7 @@ def test_ragged_hf_dataset_is_padded_with_mask_and_labels():
 
 # --- iterables of batches -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_iterable_of_batches_trains_and_resumes(tmp_path):
     data = ids(n=24)
     batches = [{"input_ids": data[i:i + DEVICES]} for i in range(0, 24, DEVICES)]  # 6 global batches
