@@ -41,6 +41,20 @@ def test_the_compilers_layout_is_kept_only_where_it_pads_nothing():
     assert picked["b"] is s  # 64 minor would pad to 128: stays row-major
 
 
+def test_relayout_keeps_leaves_already_in_their_format_and_moves_the_others():
+    devices = jax.devices()[:8]
+    rows = NamedSharding(jax.make_mesh((8,), ("fsdp",), devices=devices), P("fsdp"))
+    rows_2d = NamedSharding(jax.make_mesh((2, 4), ("a", "b"), devices=devices), P(("a", "b")))
+    state = {"kept": jax.device_put(jnp.arange(16.0), rows), "moved": jax.device_put(jnp.arange(8.0), rows),
+             "plain": jax.device_put(jnp.ones(8), rows)}
+    formats = {"kept": state["kept"].format, "moved": Format(state["moved"].format.layout, rows_2d),
+               "plain": rows}
+    out = layouts.relayout(state, formats)
+    assert out["kept"] is state["kept"] and out["plain"] is state["plain"]
+    assert out["moved"].format == formats["moved"]
+    np.testing.assert_array_equal(out["moved"], np.arange(8.0))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return nnx.split(from_hf_config(TINY, scan_layers=True), nnx.Param)
