@@ -31,9 +31,9 @@ def _leaves(tree) -> list:
 
 
 @pytest.mark.parametrize("zero", [
-    {"stage": 3, "stage3_param_persistence_threshold": 0},
-    {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-], ids=["zero3", "zero2-offload"])
+    pytest.param({"stage": 3, "stage3_param_persistence_threshold": 0}, id="zero3"),
+    pytest.param({"stage": 2, "offload_optimizer": {"device": "cpu"}}, id="zero2-offload", marks=pytest.mark.slow),
+])
 def test_estimate_compiles_the_trainers_step(zero):
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
               "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},

@@ -113,7 +113,7 @@ def test_architectures_pick_the_model_and_remat_is_checked():
         models.from_hf_config(config, remat="dots")
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", [pytest.param("llama", marks=pytest.mark.slow), "mistral"])  # mistral: blocks and a window
 def test_query_blocked_attention_equals_whole_attention(imported, name, monkeypatch):
     from zerojax.models import layers
 

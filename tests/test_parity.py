@@ -52,6 +52,7 @@ def test_stage3_shards_params_and_optimizer_state(reference):
     assert mu.sharding.spec == w.sharding.spec
 
 
+@pytest.mark.slow
 def test_adafactor_factored_state_trains_like_single_device():
     tx = optax.adafactor(1e-2)
     ref, _ = train(jax.devices()[:1], tx=tx)

@@ -64,6 +64,7 @@ def test_a_bad_vocab_size_or_path_is_one_sentence(tmp_path):
         BPETokenizer.load(tmp_path / "nope")
 
 
+@pytest.mark.slow  # `make demo` runs the same pipeline; test_export_cli loads an export in transformers
 def test_the_demo_export_generates_with_the_transformers_pipeline(tmp_path, capsys):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 32,
               "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -167,6 +167,7 @@ def test_existing_checkpoints_need_resume_and_float_tokens_are_refused(data, tmp
         trainer((data[0].astype(np.float32), data[1]), ZERO(1))
 
 
+@pytest.mark.slow
 def test_loss_curve_png(data, tmp_path):
     t = trainer(data, ZERO(0), steps=4)
     t.train()

@@ -200,6 +200,7 @@ def test_save_best(tmp_path):
 
 # --- gradient checkpointing, token averaging, the warning ----------------------------------------------------
 
+@pytest.mark.slow  # test_models checks remat gradients; this checks the TrainingArguments mapping end to end
 def test_gradient_checkpointing_rematerialises_the_layers():
     data = ids()
     plain, remat = make(data, max_steps=1), make(data, max_steps=1, gradient_checkpointing=True)

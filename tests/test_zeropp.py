@@ -183,7 +183,7 @@ def test_qwz_gathers_int8_blocks_at_half_the_bf16_bytes_inside_the_scan(llama, e
     assert _cosine(update, exact[2]) >= 0.999
 
 
-@pytest.mark.parametrize("bits, ratio", [(8, 0.55), (4, 0.30)])
+@pytest.mark.parametrize("bits, ratio", [(8, 0.55), pytest.param(4, 0.30, marks=pytest.mark.slow)])
 def test_qgz_reduces_gradients_through_all_to_all_in_fewer_bytes(llama, exact, bits, ratio):
     found, _, update, _, _ = _step(llama, zj.Quantization(gradients=True, gradient_bits=bits))
     assert "reduce-scatter" not in found
@@ -244,6 +244,7 @@ def test_stage_auto_with_quantized_weights_only_tries_stage_3():
     assert {option[0] for option in config.stage_options()} == {3}
 
 
+@pytest.mark.slow
 def test_the_estimate_of_a_zeropp_config_shows_the_quantized_bytes_by_dtype():
     """`zerojax estimate --deepspeed` compiles the config's own step: its collectives are int8 (s8 gathers and
     all-to-alls, fp32 scales), and the theory, which prices qgZ's hops, agrees with the all-to-all bytes."""
