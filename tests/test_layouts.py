@@ -6,17 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import zerojax as zj
+from tests import tiny_transformer as tiny
 from zerojax import layouts, targets
-from zerojax.models import abstract_model, causal_lm_loss, from_hf_config
+from zerojax.models import abstract_model, causal_lm_loss
 
 TILE = ((8, 128),)
-TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 2,
+         "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 64}
 
 
 @pytest.mark.parametrize("shape,itemsize,order,tiling,expected", [
@@ -55,48 +55,41 @@ def test_relayout_keeps_leaves_already_in_their_format_and_moves_the_others():
     np.testing.assert_array_equal(out["moved"], np.arange(8.0))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return nnx.split(from_hf_config(TINY, scan_layers=True), nnx.Param)
-
-
-def test_compiler_layouts_train_bit_identically_and_are_chosen_once(tiny):
-    graphdef, params = tiny
+def test_compiler_layouts_train_bit_identically_and_are_chosen_once():
+    params = tiny.init_params()
     plan = zj.make_plan(params, optax.adamw(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16())
-    batch = {"input_ids": np.random.default_rng(0).integers(0, 256, (8, 32), dtype=np.int32)}
     runs = {}
     for layout in ("row-major", "compiler"):
-        step = zj.make_train_step(causal_lm_loss(graphdef), plan, state_layout=layout, max_grad_norm=1.0)
+        step = zj.make_train_step(tiny.loss_fn, plan, state_layout=layout, max_grad_norm=1.0)
         state = zj.init_state(params, plan)
-        state, _ = step(state, batch)
+        first, second = tiny.batches(2, 16)
+        state, _ = step(state, first)
         chosen = dict(step._chosen)
-        state, metrics = step(state, batch)
+        state, metrics = step(state, second)
         assert step._chosen == chosen  # formats and program from the first call, reused
-        runs[layout] = (jax.tree.map(np.asarray, state.master), float(metrics["loss"]))
+        runs[layout] = (jax.tree.map(np.asarray, state.params), float(metrics["loss"]))
     assert runs["compiler"][1] == runs["row-major"][1]
     for a, b in zip(jax.tree.leaves(runs["compiler"][0]), jax.tree.leaves(runs["row-major"][0])):
         np.testing.assert_array_equal(a, b)
-    assert "formats" in chosen and zj.make_train_step(causal_lm_loss(graphdef), plan).jit is None  # CPU: row-major
+    assert "formats" in chosen and zj.make_train_step(tiny.loss_fn, plan).jit is None  # CPU: row-major
 
 
-def test_a_bad_state_layout_and_compiler_layouts_beside_offload_are_refused(tiny):
-    graphdef, params = tiny
+def test_a_bad_state_layout_and_compiler_layouts_beside_offload_are_refused():
+    params = tiny.init_params()
     plan = zj.make_plan(params, optax.adamw(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16())
     with pytest.raises(ValueError, match=r"state_layout='tiled' must be 'compiler', 'row-major' or None"):
-        zj.make_train_step(causal_lm_loss(graphdef), plan, state_layout="tiled")
+        zj.make_train_step(tiny.loss_fn, plan, state_layout="tiled")
     offloaded = zj.make_plan(params, optax.adamw(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16(),
                              offload=zj.Offload("pinned_host"))
     with pytest.raises(ValueError, match=r"state_layout='compiler' needs the whole state in device memory"):
-        zj.make_train_step(causal_lm_loss(graphdef), offloaded, state_layout="compiler")
+        zj.make_train_step(tiny.loss_fn, offloaded, state_layout="compiler")
 
 
 @pytest.mark.slow
 def test_v5p_holds_less_with_the_compilers_layouts_than_row_major():
     """XLA:TPU copies row-major stacked attention weights into its own order each step; with the
     state in the compiler's layouts the copies are gone and the state itself is no larger."""
-    config = dict(TINY, hidden_size=1024, intermediate_size=2048, vocab_size=512, num_attention_heads=8,
-                  num_key_value_heads=8)
-    graphdef, params = abstract_model(config, dtype="fp32", scan_layers=True, remat="full")
+    graphdef, params = abstract_model(LLAMA, dtype="fp32", scan_layers=True, remat="full")
     mesh = zj.make_mesh(devices=targets.TARGETS["tpu-v5p"].devices(8))
     plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3), zj.Precision.bf16())
     batch = {"input_ids": jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=NamedSharding(mesh, P(zj.DATA_AXES)))}
