@@ -17,6 +17,10 @@ ordinary jitted code: element-wise updates stay local, and any per-tensor reduct
 transformation needs (Adafactor, LAMB) is partitioned correctly by XLA. The new compute copy is
 cast from the master weights and placed in the parameter layout (an all-gather in the compute dtype
 at stages 1–2); at ZeRO-3 the updated fp32 shards are the parameters themselves.
+
+`TrainStep` is the jitted step with its input checks, and with compiler-chosen state layouts
+(`zerojax.layouts`) the formats it learns on its first call. The module is over 400 lines because the
+eval step shares the train step's per-leaf helpers (gather on use, carriers, per-layer fetches).
 """
 
 from __future__ import annotations
