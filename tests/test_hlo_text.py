@@ -46,15 +46,15 @@ def test_step_collectives_add_what_only_the_compiled_program_moves():
 def test_a_compiler_refusal_for_memory_is_a_step_that_does_not_fit():
     """XLA:TPU does not compile a step whose temporaries exceed the chip's memory: the estimator reads
     its message as "does not fit", with the bytes it says the step needs."""
-    from zerojax.compiled import DeviceMemoryExceeded, _refused_for_memory
+    from zerojax.compiled import DeviceMemoryExceeded, refused_for_memory
 
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(101.78G) exceeds available HBM (95.74G).")
-    refused = _refused_for_memory(RuntimeError(message))
+    refused = refused_for_memory(RuntimeError(message))
     assert isinstance(refused, DeviceMemoryExceeded) and isinstance(refused, ValueError)
     assert refused.temp_bytes == int(101.78 * 2**30) and refused.available_bytes == int(95.74 * 2**30)
     assert "101.78 GiB per device, more than the 95.74 GiB" in str(refused)
-    assert _refused_for_memory(RuntimeError("INTERNAL: something else")) is None
+    assert refused_for_memory(RuntimeError("INTERNAL: something else")) is None
 
 
 _UNCOUNTED_LOOP = """HloModule m

@@ -1,6 +1,8 @@
 """State layouts (`zerojax.layouts`): the compiler's where it pads nothing, the same numbers as row-major,
 and on XLA:TPU less memory than row-major state (no per-step copies of stacked weights)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,38 @@ def test_v5p_holds_less_with_the_compilers_layouts_than_row_major():
         memory[layout] = step.lower(plan.abstract_state(), batch).compile().memory_analysis()
     assert memory["compiler"].argument_size_in_bytes == memory["row-major"].argument_size_in_bytes
     assert memory["compiler"].temp_size_in_bytes < 0.95 * memory["row-major"].temp_size_in_bytes
+
+
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                 "(101.78G) exceeds available HBM (95.74G).")
+
+
+@pytest.mark.parametrize("error", [OUT_OF_MEMORY, "INTERNAL: something else"])
+def test_a_layout_compile_refused_for_memory_falls_back_to_row_major_and_other_errors_surface(error):
+    """Learning the layouts compiles the step once more: when the compiler refuses that for memory the
+    state stays row-major (the step's own compile then reports the refusal, as `compile_train_step` does
+    for row-major state); any other error is raised."""
+    params = tiny.init_params()
+    plan = zj.make_plan(params, optax.adamw(1e-3), zj.ZeroRules(zj.make_mesh(), stage=3), zj.Precision.bf16())
+    step = zj.make_train_step(tiny.loss_fn, plan, state_layout="compiler")
+
+    class Refused:
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise RuntimeError(error)
+
+    def jit(formats):
+        auto = any(isinstance(f, Format) and f.layout is Layout.AUTO for f in jax.tree.leaves(
+            formats, is_leaf=lambda f: isinstance(f, Format)))
+        return Refused() if auto else step.jit(formats)
+
+    refusing = dataclasses.replace(step, jit=jit)
+    state, batch = zj.init_state(params, plan), tiny.batches(1, 16)[0]
+    if error != OUT_OF_MEMORY:
+        with pytest.raises(RuntimeError, match="something else"):
+            refusing(state, batch)
+        return
+    _, metrics = refusing(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and refusing._chosen["formats"] is plan.state_shardings

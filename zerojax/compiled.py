@@ -26,7 +26,7 @@ class DeviceMemoryExceeded(ValueError):
 _OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 
 
-def _refused_for_memory(error: Exception) -> DeviceMemoryExceeded | None:
+def refused_for_memory(error: Exception) -> DeviceMemoryExceeded | None:
     """The compiler's out-of-memory refusal as a `DeviceMemoryExceeded` (None for any other error)."""
     m = _OUT_OF_MEMORY.search(str(error))
     if m is None:
@@ -110,7 +110,7 @@ def compile_train_step(step, plan, batch, target: str | None = None) -> Compiled
     try:
         exe = lowered.compile()
     except Exception as e:  # jax's JaxRuntimeError: the compiler's own refusal
-        refused = _refused_for_memory(e)
+        refused = refused_for_memory(e)
         if refused is None:
             raise
         raise refused from None

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from zerojax.compiled import refused_for_memory
 from zerojax.gather import Sharded, reduce_scatter
 from zerojax.layerwise import is_elementwise, update_by_layer
 from zerojax.layouts import automatic, relayout, unpadded
@@ -267,7 +268,7 @@ class TrainStep:
     batch_multiple: int
     rng: bool = False
     jit: Callable[[Any], Any] | None = None  # state formats -> the jitted step, when the compiler lays the state out
-    _chosen: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _chosen: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, state: TrainState, batch, key=None) -> tuple[TrainState, dict]:
         extra = self._check(state, batch, key)
@@ -287,8 +288,13 @@ class TrainStep:
             shardings = self.plan.state_shardings
             spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
             abstract = jax.tree.map(spec, (state, batch, *extra))
-            chosen = self.jit(automatic(shardings)).lower(*abstract).compile().input_formats[0][0]
-            formats = unpadded(chosen, self.plan.abstract_state(), shardings)
+            try:
+                chosen = self.jit(automatic(shardings)).lower(*abstract).compile().input_formats[0][0]
+                formats = unpadded(chosen, self.plan.abstract_state(), shardings)
+            except Exception as e:  # jax's JaxRuntimeError; a step too big for the device either way
+                if refused_for_memory(e) is None:
+                    raise
+                formats = shardings  # row-major: the step's own compile then reports the refusal
             self._chosen.update(jitted=self.jit(formats), formats=formats)
         return self._chosen["jitted"], self._chosen["formats"]
 
