@@ -103,7 +103,7 @@ def _write(path: str, text: str) -> str:
     return path
 
 
-def _plan(devices=None, stage=3, params=None):
+def _plan(devices=None, stage=3, params=None, offload=None):
     import jax
     import optax
 
@@ -112,7 +112,7 @@ def _plan(devices=None, stage=3, params=None):
 
     params = params if params is not None else T.init_params()
     mesh = zj.make_mesh(devices=devices or jax.devices())
-    return zj.make_plan(params, optax.adamw(1e-3), zj.ZeroRules(mesh, stage=stage))
+    return zj.make_plan(params, optax.adamw(1e-3), zj.ZeroRules(mesh, stage=stage), offload=offload)
 
 
 def _checkpoint(folder: str, steps=(1, 2)) -> str:
@@ -542,6 +542,9 @@ def _core_cases() -> list[Case]:
         Case("train step", "wrong shape (missing batch key)", step_with(lambda: {"ids": tokens(16)["tokens"]}),
              note="raised by the user's loss_fn, with the user's own line in the traceback."),
         Case("make_train_step", "micro_batches 0", lambda d: zj.make_train_step(T.loss_fn, _plan(), micro_batches=0)),
+        Case("make_train_step", "state_layout 'tiled'", lambda d: zj.make_train_step(T.loss_fn, _plan(), state_layout="tiled")),
+        Case("make_train_step", "compiler layouts with offloaded state",
+             lambda d: zj.make_train_step(T.loss_fn, _plan(offload=zj.Offload("pinned_host")), state_layout="compiler")),
     ] if jax.device_count() >= 8 else []
 
 

@@ -60,10 +60,8 @@ EXPECTED = {
     "transformers__ds_config_zero3.json": None,
     "transformers__ds_config_zero3_bf16.json": None,
 }
-# Run in the default suite: explicit batch, accumulation, betas, weight decay and OneCycle (fp32, stage 0);
-# bf16 "auto" under its old name with stage 3 and full offload. The other configs that run (among them
-# train_batch_size alone with bfloat16 under its old name, megatron-ds) are marked slow.
-FAST = {"transformers__ds_config_zero3_bf16.json"}
+# The configs that run are marked slow (the default suite runs the example through its other tests);
+# those that say why not run in the default suite.
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def _same(a, b) -> bool:
     return type(a) is type(b) if isinstance(a, bool) or isinstance(b, bool) else math.isclose(a, b)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in FAST or EXPECTED[n] else [pytest.mark.slow])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if EXPECTED[n] else [pytest.mark.slow])
                                   for n in sorted(EXPECTED)])
 def test_every_corpus_config_runs_two_steps_as_written_or_says_why_not(example, tiny_model, tmp_path, capsys, name):
     out = tmp_path / "run"

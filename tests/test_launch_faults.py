@@ -103,7 +103,7 @@ INITIALIZE = (
 )
 
 
-@pytest.mark.parametrize("case", ["unresolvable", "unroutable", "busy"])
+@pytest.mark.parametrize("case", ["unresolvable", pytest.param("unroutable", marks=pytest.mark.slow), "busy"])
 def test_initialize_refuses_a_bad_coordinator_before_joining(busy_port, case):
     """A rank started by other means (here: by hand) with a bad coordinator fails within seconds, not 5 minutes."""
     rank, coordinator, words = {
