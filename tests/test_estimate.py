@@ -47,7 +47,7 @@ def test_bf16_accumulator_matches_the_paper_formula(stage):
     assert e.model_state_bytes == pytest.approx(paper, rel=0.02)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_compiled_step_matches_analytic_and_collective_theory(stage):
     e = est.estimate(TINY, 8, stage, seq=SEQ, compiled=True)
     c = e.compiled

@@ -86,6 +86,7 @@ def test_lazy_weights_read_stacked_layers_one_layer_at_a_time(tmp_path):
     assert manager.open_tensor(embed.step, embed.name).chunk_layout.read_chunk.shape[0] < embed.shape[0]
 
 
+@pytest.mark.slow
 def test_mixed_precision_exports_the_fp32_master(tmp_path):
     _, graphdef, state = train_and_save(tmp_path / "ck", zj.Precision.bf16(), steps=0, stage=2)  # bf16 copy + master
     out = export_checkpoint(tmp_path / "ck", tmp_path / "hf", dtype="fp32", progress=False)

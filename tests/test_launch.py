@@ -102,15 +102,16 @@ def eight_devices():
     return losses
 
 
+@pytest.mark.slow  # the default suite runs the two-process check below
 def test_zero3_on_four_processes_matches_one_process_with_eight_devices(four_processes, eight_devices):
     np.testing.assert_allclose(four_processes[0], eight_devices, rtol=1e-5, atol=0)
 
 
-@pytest.mark.slow
 def test_zero3_on_two_processes_matches_one_process_with_four_devices():
     np.testing.assert_allclose(launch_training(2), single_process(4), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_four_processes_resumes_in_one_process_at_another_stage(four_processes, eight_devices):
     _, folder = four_processes
     resumed = mp_train.train(zj.make_mesh(), stage=1, restore=str(folder))

@@ -48,6 +48,7 @@ def losses(t):
 
 # --- datasets.Dataset ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hf_dataset_trains_as_the_same_numpy_array():
     data = ids()
     a = make(data)
