@@ -41,9 +41,8 @@ def unpadded(chosen: Any, abstract: Any, shardings: Any) -> Any:
     def pick(fmt, x, s):
         if fmt is None or not isinstance(fmt.layout, Layout):
             return s
-        shard = s.shard_shape(x.shape)
-        exact = math.prod(shard) * np.dtype(x.dtype).itemsize
-        return fmt if padded_bytes(shard, np.dtype(x.dtype).itemsize, fmt.layout) <= exact else s
+        shard, itemsize = s.shard_shape(x.shape), np.dtype(x.dtype).itemsize
+        return fmt if padded_bytes(shard, itemsize, fmt.layout) <= math.prod(shard) * itemsize else s
 
     return jax.tree.map(pick, chosen, abstract, shardings, is_leaf=lambda f: isinstance(f, Format))
 
