@@ -569,6 +569,12 @@ def _trainer_cases() -> list[Case]:
         Trainer(model, TrainingArguments(max_steps=1, per_device_train_batch_size=1), data.astype("float32"),
                 hf_config=TINY).train()
 
+    def cpu_checkpointing_with_another_policy(d):
+        with nnx.use_eager_sharding(False):
+            model = from_hf_config(TINY, seed=0, remat="dots_saveable")
+        Trainer(model, TrainingArguments(deepspeed={"activation_checkpointing": {"cpu_checkpointing": True}},
+                                         max_steps=1, per_device_train_batch_size=1), data, hf_config=TINY)
+
     def resume_missing(d):
         make(d).train(resume_from_checkpoint=True)
 
@@ -594,6 +600,8 @@ def _trainer_cases() -> list[Case]:
         Case("Trainer", 'stage "auto" on CPU devices without device_memory',
              lambda d: make(d, config={"zero_optimization": {"stage": "auto"}, "train_micro_batch_size_per_gpu": 1})),
         Case("Trainer", "wrong dtype (dataset of floats)", float_dataset),
+        Case("Trainer", "cpu_checkpointing with a model built with another remat policy",
+             cpu_checkpointing_with_another_policy),
         Case("Trainer.train", "resume with no checkpoint", resume_missing),
         Case("Trainer.train", "resume from a corrupt checkpoint", resume_corrupt),
         Case("Trainer.train", "unwritable output folder (read-only fs)", unwritable, needs_tmpfs=True),

@@ -122,10 +122,11 @@ class StageEstimate:
 
 
 def arguments_config(stage, devices: int, *, micro_batch: int = 1, offload_optimizer: bool = False,
-                     offload_param: bool = False, grad_accum_dtype: str = "fp32"):
+                     offload_param: bool = False, grad_accum_dtype: str = "fp32", cpu_checkpointing: bool = False):
     """The DeepSpeed config (`ZeroConfig`) the estimate's arguments stand for: bf16 mixed-precision AdamW,
     `stage` (or "auto") with the offload asked for, every tensor sharded (persistence threshold 0), one
-    micro-batch of `micro_batch` sequences per device, no clipping."""
+    micro-batch of `micro_batch` sequences per device, no clipping, layer inputs in host memory with
+    `cpu_checkpointing`."""
     from zerojax.config import load_config
 
     zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
@@ -136,6 +137,7 @@ def arguments_config(stage, devices: int, *, micro_batch: int = 1, offload_optim
         "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
         "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": grad_accum_dtype},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_optimization": zero,
+        "activation_checkpointing": {"cpu_checkpointing": cpu_checkpointing},
     }, world_size=devices)
 
 
@@ -193,15 +195,17 @@ def _check(devices: int, seq: int, micro_batch: int, stage, offload_optimizer: b
 
 
 def _inputs(hf_config: dict, devices: int, seq: int, micro_batch: int, grad_accum_dtype: str,
-            check_stage: tuple = (0, False, False)):
+            check_stage: tuple = (0, False, False), cpu_checkpointing: bool = False):
     """`(graphdef, abstract params)` of the model after checking the inputs (`check_stage`: the stage and
-    offload flags asked for)."""
+    offload flags asked for), its layers rematerialised (`remat="offload"` with `cpu_checkpointing`)."""
     from zerojax.hf.files import check_sizes
     from zerojax.models import abstract_model
+    from zerojax.models.layers import OFFLOAD
 
     _check(devices, seq, micro_batch, *check_stage)
     check_sizes(hf_config, "hf_config")
-    graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True, remat="full")
+    graphdef, params = abstract_model(hf_config, dtype="fp32", scan_layers=True,
+                                      remat=OFFLOAD if cpu_checkpointing else "full")
     if grad_accum_dtype not in ("fp32", "bf16"):
         raise ValueError(f"grad_accum_dtype={grad_accum_dtype!r} is not supported; use 'fp32' or 'bf16'.")
     return graphdef, params
@@ -222,6 +226,7 @@ def estimate(
     target=None,
     offload_mode: str = "streamed",
     config=None,
+    cpu_checkpointing: bool = False,
 ) -> StageEstimate:
     """Bytes per device of one stage for the model of `hf_config` on `devices` data-parallel devices.
 
@@ -229,7 +234,8 @@ def estimate(
     from `zerojax.config.load_config` for `devices`, its stage resolved), else the one the arguments
     stand for (`arguments_config`: bf16 mixed-precision AdamW, a gradient accumulator in
     `grad_accum_dtype`, DeepSpeed's `data_types.grad_accum_dtype`, which the ZeRO paper's formula takes
-    as 'bf16'); full remat, layers scanned. `target` (a `zerojax.targets` name, file or Target)
+    as 'bf16'); full remat, layers scanned, each layer's input saved in host memory with `cpu_checkpointing`
+    (the config's `activation_checkpointing.cpu_checkpointing`). `target` (a `zerojax.targets` name, file or Target)
     compiles for that accelerator on any machine, its memory the default `device_memory`; without one
     the estimate needs `devices` jax devices in this process (simulated CPU devices will do).
     `offload_mode` is `Offload.mode`.
@@ -239,11 +245,13 @@ def estimate(
                          "so pass one of them.")
     if config is None:
         graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype,
-                                   (stage, offload_optimizer, offload_param))
+                                   (stage, offload_optimizer, offload_param), cpu_checkpointing)
         config = arguments_config(stage, devices, micro_batch=micro_batch, offload_optimizer=offload_optimizer,
-                                  offload_param=offload_param, grad_accum_dtype=grad_accum_dtype)
+                                  offload_param=offload_param, grad_accum_dtype=grad_accum_dtype,
+                                  cpu_checkpointing=cpu_checkpointing)
     else:
-        graphdef, params = _inputs(hf_config, devices, seq, config.train_micro_batch_size_per_gpu, grad_accum_dtype)
+        graphdef, params = _inputs(hf_config, devices, seq, config.train_micro_batch_size_per_gpu, grad_accum_dtype,
+                                   cpu_checkpointing=config.cpu_checkpointing)
     if target is not None and device_memory is None:
         from zerojax.targets import resolve
 
@@ -290,7 +298,8 @@ def _measure(hf_config: dict, graphdef, plan, config, seq: int, device_memory: i
         param_bytes=report.param_bytes, grad_bytes=report.grad_bytes, master_bytes=report.master_bytes,
         optimizer_bytes=report.opt_state_bytes, held_bytes=report.held_bytes, host_bytes=report.host_bytes,
         model_state_bytes=report.model_state_bytes, theory_model_state_bytes=theory,
-        activation_bytes=activation_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb),
+        activation_bytes=activation_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb,
+                                          saved_on_host=config.cpu_checkpointing),
         theory_collectives=theory_collectives,
         device_memory=device_memory,
     )
@@ -322,6 +331,7 @@ def choose_stage(
     grad_accum_dtype: str = "fp32",
     target=None,
     config=None,
+    cpu_checkpointing: bool = False,
 ) -> StageEstimate:
     """`zero_optimization.stage: "auto"` (`zerojax.configured.search_stage`): the first of the stage
     options (`AUTO_ORDER`: lowest stage, then offload) whose peak bytes per device fit `device_memory`;
@@ -331,10 +341,13 @@ def choose_stage(
     from zerojax.configured import search_stage
 
     if config is None:
-        graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype)
-        config = arguments_config("auto", devices, micro_batch=micro_batch, grad_accum_dtype=grad_accum_dtype)
+        graphdef, params = _inputs(hf_config, devices, seq, micro_batch, grad_accum_dtype,
+                                   cpu_checkpointing=cpu_checkpointing)
+        config = arguments_config("auto", devices, micro_batch=micro_batch, grad_accum_dtype=grad_accum_dtype,
+                                  cpu_checkpointing=cpu_checkpointing)
     else:
-        graphdef, params = _inputs(hf_config, devices, seq, config.train_micro_batch_size_per_gpu, grad_accum_dtype)
+        graphdef, params = _inputs(hf_config, devices, seq, config.train_micro_batch_size_per_gpu, grad_accum_dtype,
+                                   cpu_checkpointing=config.cpu_checkpointing)
     device_list = _devices(devices, target)
     chosen, tried = search_stage(
         config, build=lambda option: config_plan(option, params, device_list),

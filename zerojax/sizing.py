@@ -78,15 +78,17 @@ def model_dims(hf_config: dict) -> Dims:
     return Dims(c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size, c.vocab_size)
 
 
-def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int = 2) -> int:
+def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int = 2, *,
+                     saved_on_host: bool = False) -> int:
     """Activations per device with full rematerialisation, an estimate (attention not fused).
 
-    The layer inputs the scan saves (L x B x T x H), one layer's recomputed forward and its gradients
-    (about 16 hidden-sized and 3 MLP-sized tensors, fp32 attention scores and probabilities, twice), and
-    the fp32 logits with their gradient.
+    The layer inputs the scan saves (L x B x T x H; in host memory, so not counted, with `saved_on_host`:
+    DeepSpeed's cpu_checkpointing), one layer's recomputed forward and its gradients (about 16 hidden-sized
+    and 3 MLP-sized tensors, fp32 attention scores and probabilities, twice), and the fp32 logits with
+    their gradient.
     """
     b, t, h = micro_batch, seq, dims.hidden
-    saved = dims.layers * b * t * h * compute_bytes
+    saved = 0 if saved_on_host else dims.layers * b * t * h * compute_bytes
     layer = (16 * b * t * h + 3 * b * t * dims.inner) * compute_bytes + 2 * 2 * b * dims.heads * t * t * 4
     logits = b * t * dims.vocab * (2 * 4 + compute_bytes)
     return saved + layer + logits

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,13 +35,14 @@ from tqdm.auto import tqdm
 from zerojax.args import TrainingArguments
 from zerojax._folders import refuse_overlap
 from zerojax.checkpoint import CheckpointManager, CheckpointOptions, file_write_errors, save_model
-from zerojax.config import ConfigError, ZeroConfig, load_config
+from zerojax.config import ConfigError, ConfigWarning, ZeroConfig, load_config
 from zerojax.callbacks import (CallbackHandler, TrainerControl, TrainerState, default_callbacks, improved,
                                resolve_intervals)
 from zerojax.data import IterableBatches, as_columns, is_iterable_of_batches, make_batches, num_examples
 from zerojax import configured
 from zerojax.compiled import DeviceMemoryExceeded, compile_train_step
 from zerojax.estimate import option_name, parse_bytes
+from zerojax.models.layers import OFFLOAD
 from zerojax.plan import TrainState, init_state
 from zerojax.step import make_eval_step
 from zerojax.targets import resolve as resolve_target
@@ -102,10 +104,6 @@ class Trainer:
                  devices: list | None = None, max_consecutive_skips: int = 20,
                  device_memory: int | str | None = None, target=None, callbacks: list | None = None):
         devices = list(devices or jax.devices())
-        no_effect = _gradient_checkpointing(model, args)  # before the model is split: remat is static
-        self.graphdef, params, other = nnx.split(model, nnx.Param, ...)
-        # a model with RNG streams (dropout) trains with a key folded per step, rank and micro-batch
-        self.key = jax.random.key(args.seed) if jax.tree.leaves(nnx.state(model, nnx.RngState)) else None
         self.hf_config = hf_config
         train_dataset, eval_dataset = (as_columns(data, name=name, remove_unused_columns=args.remove_unused_columns)
                                        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)))
@@ -126,6 +124,10 @@ class Trainer:
                              "TrainingArguments.max_steps.")
         config = self.args.deepspeed if self.args.deepspeed is not None else DEFAULT_CONFIG
         self.config = load_config(config, training_args=self.args, model_config=hf_config, world_size=len(devices))
+        no_effect = _checkpointing(model, args, self.config)  # before the model is split: remat is static
+        self.graphdef, params, other = nnx.split(model, nnx.Param, ...)
+        # a model with RNG streams (dropout) trains with a key folded per step, rank and micro-batch
+        self.key = jax.random.key(args.seed) if jax.tree.leaves(nnx.state(model, nnx.RngState)) else None
         self.mesh = configured.mesh(self.config, devices)
         self.total_steps = self.args.total_steps(len(devices))
         tx = configured.optimizer(self.config, params, self.total_steps)
@@ -389,18 +391,35 @@ class Trainer:
         return out
 
 
-def _gradient_checkpointing(model: Any, args: TrainingArguments) -> list[tuple[str, str]]:
+def _checkpointing(model: Any, args: TrainingArguments, config: ZeroConfig) -> list[tuple[str, str]]:
     """`gradient_checkpointing` (or `activation_checkpointing`): every layer of the model rematerialised in the
-    backward pass. A model built with a `remat` attribute (the bundled Llama and GPT-2) gets `remat="full"`
-    unless it already has a policy; for any other model it is named in the no-effect warning (wrap its
-    layers in `nnx.remat` / `jax.checkpoint` yourself). Returns the (field, why) pairs for that warning."""
-    if not args.gradient_checkpointing_enabled:
+    backward pass; the config's `activation_checkpointing.cpu_checkpointing`: the same, with each layer's saved
+    input in host memory. A model built with a `remat` attribute (the bundled Llama and GPT-2) gets
+    `remat="full"` unless it already has a policy, or `remat="offload"` with cpu_checkpointing (a model with
+    another policy is refused: the two disagree); for any other model the setting is named in the no-effect
+    warning (wrap its layers in `nnx.remat` / `jax.checkpoint` yourself). Returns the (field, why) pairs for
+    that warning (a model without `remat` warns of cpu_checkpointing itself)."""
+    if config.cpu_checkpointing:
+        name, wanted = "activation_checkpointing.cpu_checkpointing", OFFLOAD
+    elif args.gradient_checkpointing_enabled:
+        name = "activation_checkpointing" if args.activation_checkpointing else "gradient_checkpointing"
+        wanted = "full"
+    else:
         return []
-    name = "activation_checkpointing" if args.activation_checkpointing else "gradient_checkpointing"
+    if not hasattr(model, "remat") and wanted == OFFLOAD:
+        warnings.warn(f"{name} has no effect: {type(model).__name__} has no remat attribute; save its layers' inputs "
+                      "in host memory yourself (jax.checkpoint_policies.save_and_offload_only_these_names).",
+                      ConfigWarning, stacklevel=3)
+        return []
     if not hasattr(model, "remat"):
         return [(name, f"{type(model).__name__} has no remat attribute; wrap its layers in nnx.remat yourself")]
-    if model.remat is None:
-        model.remat = "full"
+    if wanted == OFFLOAD and model.remat not in (None, "full", OFFLOAD):
+        raise ConfigError(
+            f"activation_checkpointing.cpu_checkpointing=true saves each layer's input in host memory, but the "
+            f"model was built with remat={model.remat!r}; build it with remat=None or 'full', or drop cpu_checkpointing."
+        )
+    if model.remat is None or wanted == OFFLOAD:
+        model.remat = wanted
     return []
 
 

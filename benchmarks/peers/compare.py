@@ -11,7 +11,8 @@ layers: arguments, temporaries, peak per device, and the temporaries' growth per
 Llama-2-70B layer shape with the most layers whose compiled peak fits the budget (default: the target's
 memory), for each step on the same ladder (two probes, then secant guesses on the peak until a fit and
 a miss are one layer apart; a program the compiler refuses for memory is a miss). zerojax's step: ZeRO-3, bf16 compute, fp32 master shards, AdamW, clipping 1.0, full
-remat, one micro-batch of `--micro-batch` sequences of `--seq` tokens per device. One JSON line per
+remat (`--remat offload`: both steps save each layer's input in host memory, DeepSpeed's
+`cpu_checkpointing`), one micro-batch of `--micro-batch` sequences of `--seq` tokens per device. One JSON line per
 measurement on stdout.
 """
 
@@ -56,9 +57,10 @@ def batch_spec(mesh, axes, n, micro, seq):
     return {"input_ids": jax.ShapeDtypeStruct((n * micro, seq), jnp.int32, sharding=NamedSharding(mesh, P(axes)))}
 
 
-def compiled(which: str, config: dict, devices, micro: int, seq: int, choice: str = "largest") -> dict:
+def compiled(which: str, config: dict, devices, micro: int, seq: int, choice: str = "largest",
+             remat: str = "full") -> dict:
     """Memory analysis of one step compiled for `devices` (GiB per device)."""
-    graphdef, params = abstract_model(config, dtype="fp32", scan_layers=True, remat="full")
+    graphdef, params = abstract_model(config, dtype="fp32", scan_layers=True, remat=remat)
     n = len(devices)
     start = time.perf_counter()
     if which == "zerojax":
@@ -67,7 +69,7 @@ def compiled(which: str, config: dict, devices, micro: int, seq: int, choice: st
         layout = {"state_layout": "compiler" if step.jit else "row-major"}
     else:
         mesh = gspmd_fsdp.fsdp_mesh(devices)
-        step, abstract, _ = gspmd_fsdp.make_step(graphdef, params, mesh, choice=choice)
+        step, abstract, _ = gspmd_fsdp.make_step(graphdef, params, mesh, choice=choice, remat=remat)
         exe = step.lower(abstract, batch_spec(mesh, gspmd_fsdp.AXIS, n, micro, seq)).compile()
         layout = {}
     m = exe.memory_analysis()
@@ -75,9 +77,11 @@ def compiled(which: str, config: dict, devices, micro: int, seq: int, choice: st
     return {"step": which if which == "zerojax" else f"gspmd-fsdp-{choice}", "layers": config["num_hidden_layers"],
             "params": params_count, "arguments_gib": round(m.argument_size_in_bytes / GIB, 3),
             "temporaries_gib": round(m.temp_size_in_bytes / GIB, 3),
+            **({"host_temporaries_gib": round(m.host_temp_size_in_bytes / GIB, 3)} if m.host_temp_size_in_bytes else {}),
             "peak_gib": round((m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                                + m.temp_size_in_bytes) / GIB, 3),
-            "compile_seconds": round(time.perf_counter() - start, 1), **layout}
+            "compile_seconds": round(time.perf_counter() - start, 1), **layout,
+            **({"remat": remat} if remat != "full" else {})}
 
 
 def steps(args) -> list[tuple[str, str]]:
@@ -92,7 +96,7 @@ def peak(args) -> None:
         rows = []
         for layers in args.layers:
             config = dict(est.PRESETS[args.model], num_hidden_layers=layers)
-            row = compiled(which, config, devices, args.micro_batch, args.seq, choice)
+            row = compiled(which, config, devices, args.micro_batch, args.seq, choice, args.remat)
             rows.append(row)
             print(json.dumps({"target": target.name, "devices": args.devices, "model": args.model, **row}), flush=True)
         if len(rows) > 1:
@@ -111,7 +115,7 @@ def largest(args) -> None:
         def measure(layers: int) -> None:
             config = dict(est.PRESETS["llama-2-70b"], num_hidden_layers=layers)
             try:
-                row = compiled(which, config, devices, args.micro_batch, args.seq, choice)
+                row = compiled(which, config, devices, args.micro_batch, args.seq, choice, args.remat)
             except Exception as e:  # XLA:TPU refuses to compile what cannot fit
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
@@ -203,6 +207,8 @@ def main() -> int:
         s.add_argument("--micro-batch", type=int, default=1)
         s.add_argument("--baselines", nargs="*", choices=["largest", "first"], default=["largest", "first"],
                        help="the baseline's sharded-dimension choices to compile (default both; none: zerojax only)")
+        s.add_argument("--remat", default="full", choices=["full", "offload"],
+                       help="both steps' layer policy: full remat, or each layer's input saved in host memory")
     sub.choices["peak"].add_argument("--model", default="llama-2-7b")
     sub.choices["peak"].add_argument("--layers", type=int, nargs="+", default=[8, 32])
     sub.choices["largest"].add_argument("--budget")

@@ -3,7 +3,8 @@
 fp32 parameters that are also the master weights, AdamW moments beside them, every leaf sharded over
 all devices on one divisible dimension (`largest`, or `first` after the layer axis as PyTorch FSDP2
 shards dim 0), the model run in bf16 (the cast inside the loss, so XLA gathers 16-bit weights),
-activations constrained batch-sharded at every layer boundary, full remat per layer, global-norm
+activations constrained batch-sharded at every layer boundary, full remat per layer (or, with
+`remat="offload"`, each layer's input saved in host memory, as zerojax's `cpu_checkpointing`), global-norm
 clipping, and a jit that donates the state. Same model (`zerojax.models`' Llama, its layers run by
 this file's own scan) and the same data as zerojax's step. `benchmarks/peers/compare.py` runs both.
 """
@@ -17,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from zerojax.models.layers import LAYER_INPUT, remat_policy
 from zerojax.models.llama import inverse_frequencies, rotary
 
 AXIS = "fsdp"
@@ -52,9 +55,10 @@ def param_shardings(abstract_params: Any, mesh: Mesh, choice: str = "largest") -
 
 
 def make_step(graphdef: nnx.GraphDef, abstract_params: Any, mesh: Mesh, *, lr: float = 1e-4,
-              max_grad_norm: float = 1.0, choice: str = "largest"):
-    """`(step, abstract_state)`: `step(state, batch) -> (state, loss)`, jitted with the state donated, and
-    the state as ShapeDtypeStructs with their shardings (compile it without allocating anything)."""
+              max_grad_norm: float = 1.0, choice: str = "largest", remat: str = "full"):
+    """`(step, abstract_state, init)`: `step(state, batch) -> (state, loss)`, jitted with the state donated,
+    the state as ShapeDtypeStructs with their shardings (compile it without allocating anything), and a
+    jitted `init(params) -> state`. `remat`: the layers' policy (`zerojax.models.layers.remat_policy`)."""
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(lr))
     p_shardings = param_shardings(abstract_params, mesh, choice)
     batch_sharding = NamedSharding(mesh, P(AXIS))
@@ -65,7 +69,8 @@ def make_step(graphdef: nnx.GraphDef, abstract_params: Any, mesh: Mesh, *, lr: f
         h = constrain(model.embed_tokens(ids))
         cos, sin = rotary(jnp.arange(ids.shape[1]), inverse_frequencies(model.config), h.dtype)
         layer_graph, layer_state = nnx.split(model.layers)
-        body = jax.checkpoint(lambda h, s: (constrain(nnx.merge(layer_graph, s)(h, cos, sin, None)), None))
+        layer = lambda h, s: (constrain(nnx.merge(layer_graph, s)(checkpoint_name(h, LAYER_INPUT), cos, sin, None)), None)
+        body = jax.checkpoint(layer, policy=remat_policy(remat))
         h = model.norm(jax.lax.scan(body, h, layer_state)[0])
         logits = model.embed_tokens.attend(h) if model.lm_head is None else model.lm_head(h)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])

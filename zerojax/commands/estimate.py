@@ -42,6 +42,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device-memory", help="memory of one device, e.g. 80GB or 80GiB: reports whether each stage fits")
     p.add_argument("--grad-accum-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="gradient accumulator dtype (DeepSpeed data_types.grad_accum_dtype; default fp32)")
+    p.add_argument("--cpu-checkpointing", action="store_true",
+                   help="save each layer's input in host memory (DeepSpeed activation_checkpointing.cpu_checkpointing)")
     p.add_argument("--compiled", action="store_true", help="also compile the train step and report XLA's numbers")
     p.add_argument("--target", help="compile for N accelerators of this kind (h100, a100, tpu-v5p, tpu-v5e, tpu-v6e, or "
                    "a GpuTargetConfig text proto file) instead of this machine's devices; implies --compiled")
@@ -50,7 +52,7 @@ def add_parser(subparsers) -> None:
                    "gives the Trainer) or on the host, as DeepSpeed's CPU Adam")
     p.add_argument("--deepspeed", metavar="CONFIG",
                    help="a DeepSpeed config (no \"auto\" values): estimate the step the Trainer compiles for it, "
-                   "in place of --stage, --offload-*, --micro-batch and --grad-accum-dtype")
+                   "in place of --stage, --offload-*, --micro-batch, --grad-accum-dtype and --cpu-checkpointing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -63,7 +65,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
             "--offload-mode", args.offload_mode]
     argv += ["--device-memory", args.device_memory] if args.device_memory else []
     argv += ["--deepspeed", args.deepspeed] if args.deepspeed else []
-    return argv + ["--compiled"] * args.compiled + ["--json"] * args.json
+    return argv + ["--cpu-checkpointing"] * args.cpu_checkpointing + ["--compiled"] * args.compiled + ["--json"] * args.json
 
 
 def _rerun(args: argparse.Namespace) -> int:
@@ -93,9 +95,11 @@ def _deepspeed(args: argparse.Namespace, model_config: dict):
     given = [flag for flag, value, default in (
         ("--stage", args.stage, "all"), ("--offload-optimizer", args.offload_optimizer, "none"),
         ("--offload-param", args.offload_param, "none"), ("--micro-batch", args.micro_batch, 1),
-        ("--grad-accum-dtype", args.grad_accum_dtype, "fp32")) if value != default]
+        ("--grad-accum-dtype", args.grad_accum_dtype, "fp32"), ("--cpu-checkpointing", args.cpu_checkpointing, False),
+    ) if value != default]
     if given:
-        raise ValueError(f"--deepspeed states the stage, offload, micro-batch and accumulator dtype; drop "
+        raise ValueError(f"--deepspeed states the stage, offload, micro-batch, accumulator dtype and activation "
+                         f"checkpointing; drop "
                          f"{', '.join(given)}.")
     return load_config(args.deepspeed, model_config=model_config, world_size=args.devices)
 
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         if auto:
             chosen = est.choose_stage(config, args.devices, memory, seq=args.seq, micro_batch=args.micro_batch,
                                       compiled=args.compiled, grad_accum_dtype=args.grad_accum_dtype, target=target,
-                                      config=deepspeed)
+                                      config=deepspeed, cpu_checkpointing=args.cpu_checkpointing)
             results = [chosen]
         elif deepspeed is not None:
             results = [est.estimate(config, args.devices, seq=args.seq, device_memory=memory, compiled=args.compiled,
@@ -155,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
             results = [
                 est.estimate(config, args.devices, s, seq=args.seq, micro_batch=args.micro_batch,
                              offload_optimizer=o, offload_param=p, device_memory=memory, compiled=args.compiled,
-                             grad_accum_dtype=args.grad_accum_dtype, target=target, offload_mode=args.offload_mode)
+                             grad_accum_dtype=args.grad_accum_dtype, target=target, offload_mode=args.offload_mode,
+                             cpu_checkpointing=args.cpu_checkpointing)
                 for s, o, p in _options(args.stage, opt, param)
             ]
     except ValueError as e:
@@ -170,13 +175,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     where = f"{args.devices} x {target.description}" if target else f"{args.devices} devices"
+    remat = ("full remat, layer inputs in host memory" if (deepspeed.cpu_checkpointing if deepspeed else args.cpu_checkpointing)
+             else "full remat")
     if args.deepspeed:
         print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, the Trainer's step for "
-              f"{args.deepspeed}, full remat")
+              f"{args.deepspeed}, {remat}")
     else:
         print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, "
               f"micro-batch {args.micro_batch}, bf16 mixed-precision AdamW, {args.grad_accum_dtype} gradient "
-              "accumulator, full remat")
+              f"accumulator, {remat}")
     if auto:
         print(f'stage "auto" chooses {est.describe_option(results[0])}')
     print(est.table(results))

@@ -156,6 +156,16 @@ BF16 = (
     _k("bf16_master_weights_and_grads", "bool", False, MAPPED, "`Precision(master_dtype='bf16')`: no fp32 master"),
     _k("bf16_optimizer_states", "bool", False, NO_EFFECT, "optimizer state dtype follows the optax optimizer"),
 )
+ACTIVATION_CHECKPOINTING = (
+    _k("cpu_checkpointing", "bool", False, MAPPED, "each layer's saved input in pinned host memory, the rest "
+       "recomputed (`remat=\"offload\"` on the model; the Trainer turns remat on)"),
+    _k("partition_activations", "bool", False, NO_EFFECT, "each device already holds only its own batch's "
+       "activations; DeepSpeed splits them over model-parallel ranks"),
+    _k("contiguous_memory_optimization", "bool", False, NO_EFFECT, "XLA assigns the buffers"),
+    _k("number_checkpoints", "int", None, NO_EFFECT, "sizes DeepSpeed's contiguous buffer", minimum=1, nullable=True),
+    _k("synchronize_checkpoint_boundary", "bool", False, NO_EFFECT, "a CUDA synchronize"),
+    _k("profile", "bool", False, NO_EFFECT, "use the JAX profiler"),
+)
 DATA_TYPES = (
     _k("grad_accum_dtype", "str", None, MAPPED, "`Precision.accum_dtype` (default fp32)",
        choices=("fp32", "fp16", "bf16"), nullable=True),
@@ -190,8 +200,7 @@ TOP = (
     _k("bf16", "dict", None, MAPPED, "see bf16.* below (old name `bfloat16`)", nullable=True, old_names=("bfloat16",)),
     _k("data_types", "dict", None, MAPPED, "see data_types.* below", nullable=True),
     _k("amp", "dict", None, ERROR, "NVIDIA Apex AMP: enabled is an error, use fp16 or bf16", nullable=True),
-    _k("activation_checkpointing", "dict", None, NO_EFFECT, "use `jax.checkpoint` / `nnx.remat` in the model",
-       nullable=True),
+    _k("activation_checkpointing", "dict", None, MAPPED, "see activation_checkpointing.* below", nullable=True),
     _k("flops_profiler", "dict", None, NO_EFFECT, "use `compiled.cost_analysis()`", nullable=True),
     _k("sparse_attention", "dict", None, NO_EFFECT, "a model-side PyTorch kernel", nullable=True),
     _k("aio", "dict", None, NO_EFFECT, "NVMe I/O settings; NVMe offload is not supported", nullable=True),
@@ -216,6 +225,7 @@ TOP = (
 BLOCKS = {
     "": TOP, "zero_optimization": ZERO, "zero_optimization.offload_param": OFFLOAD_PARAM,
     "zero_optimization.offload_optimizer": OFFLOAD_OPTIMIZER, "fp16": FP16, "bf16": BF16, "data_types": DATA_TYPES,
+    "activation_checkpointing": ACTIVATION_CHECKPOINTING,
 }
 
 

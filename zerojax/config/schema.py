@@ -102,6 +102,7 @@ class ZeroConfig:
     bf16: BF16
     communication_data_type: str | None
     grad_accum_dtype: str | None
+    cpu_checkpointing: bool
     optimizer_spec: OptimizerSpec | None
     scheduler_spec: SchedulerSpec | None
     training_args: TrainingArguments | None
@@ -208,6 +209,8 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
     bf16 = keys.validate_block("bf16", {k: v for k, v in bf16_raw.items() if k not in fp16_names}, problems, ignored,
                                where=bf16_name)
     data_types = keys.validate_block("data_types", _block(top, "data_types", problems), problems, ignored)
+    checkpointing = keys.validate_block("activation_checkpointing", _block(top, "activation_checkpointing", problems),
+                                        problems, ignored)
     optimizer = check_optimizer(top["optimizer"], problems)
     scheduler = check_scheduler(top["scheduler"], problems)
     amp = top.get("amp")
@@ -238,7 +241,8 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
     if zero["overlap_comm"] is None and not auto_stage:
         zero["overlap_comm"] = zero["stage"] == 3
     top.update(train_batch_size=train, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
-               zero_optimization=zero, fp16=fp16, bf16=bf16, data_types=data_types)
+               zero_optimization=zero, fp16=fp16, bf16=bf16, data_types=data_types,
+               activation_checkpointing=checkpointing)
     for name, spec in (("optimizer", optimizer), ("scheduler", scheduler)):
         top[name] = None if spec is None else {"type": OPTIMIZER_NAMES.get(spec.type, spec.type),
                                                "params": _jsonable(spec.params)}
@@ -266,6 +270,7 @@ def build(raw: dict, args: TrainingArguments | None, world_size: int, problems: 
         fp16=FP16(**{f.name: fp16[f.name] for f in dataclasses.fields(FP16)}),
         bf16=BF16(bf16["enabled"], bf16["bf16_master_weights_and_grads"]),
         communication_data_type=top["communication_data_type"], grad_accum_dtype=data_types["grad_accum_dtype"],
+        cpu_checkpointing=checkpointing["cpu_checkpointing"],
         optimizer_spec=optimizer, scheduler_spec=scheduler, training_args=args,
         total_steps=args.total_steps(world_size) if args is not None else None,
         resolved=types.MappingProxyType(resolved),

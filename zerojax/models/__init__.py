@@ -67,7 +67,8 @@ def from_hf_config(
 ) -> nnx.Module:
     """A randomly initialised model for a Hugging Face config dict (`rngs`, else `nnx.Rngs(seed)`).
 
-    `remat`: None (no rematerialisation), `'full'` or a `jax.checkpoint_policies` name, per layer.
+    `remat`: None (no rematerialisation), `'full'`, `'offload'` (the layer inputs saved in host memory) or a
+    `jax.checkpoint_policies` name, per layer.
     """
     config_cls, model_cls, _ = ARCHS[model_type(config)]
     return model_cls(

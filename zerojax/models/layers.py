@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from zerojax.gather import gather_on_use
 from zerojax.structure import STACKED
@@ -89,16 +90,24 @@ REMAT_POLICIES = (
     "checkpoint_dots", "checkpoint_dots_with_no_batch_dims", "dots_saveable", "dots_with_no_batch_dims_saveable",
     "everything_saveable", "nothing_saveable",
 )
+OFFLOAD = "offload"  # DeepSpeed's activation_checkpointing.cpu_checkpointing
+LAYER_INPUT = "zerojax_layer_input"
 
 
 def remat_policy(name: str | None) -> Callable | None:
-    """`None` or `'full'`: plain `jax.checkpoint` (save nothing); else a `jax.checkpoint_policies` name."""
+    """`None` or `'full'`: plain `jax.checkpoint` (save nothing); `'offload'`: save nothing but each layer's
+    input, and that in pinned host memory (DeepSpeed's `cpu_checkpointing`); else a `jax.checkpoint_policies`
+    name."""
     if name is None or name == "full":
         return None
+    if name == OFFLOAD:
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device", offload_dst="pinned_host")
     if name not in REMAT_POLICIES:
         raise ValueError(
             f"remat={name!r} is not a rematerialisation policy; use None (no remat), 'full' (save "
-            f"nothing) or one of {list(REMAT_POLICIES)}."
+            f"nothing), 'offload' (layer inputs saved in host memory) or one of {list(REMAT_POLICIES)}."
         )
     return getattr(jax.checkpoint_policies, name)
 
@@ -114,7 +123,7 @@ def run_layers(layers: nnx.Module, h: jax.Array, *args: Any, scan: bool, remat: 
     graphdef, state = nnx.split(layers)
 
     def one(h, layer_state):
-        return nnx.merge(graphdef, gather_on_use(layer_state))(h, *args)
+        return nnx.merge(graphdef, gather_on_use(layer_state))(checkpoint_name(h, LAYER_INPUT), *args)
 
     if remat is not None:
         one = jax.checkpoint(one, policy=remat_policy(remat))

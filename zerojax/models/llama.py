@@ -197,7 +197,8 @@ class Llama(nnx.Module):
 
     Parameters are created in `dtype` and the computation runs in the dtype of the parameters it is
     given (norms and softmax in fp32). `scan_layers` runs the stacked layers in one `lax.scan` (else
-    unrolled); `remat` is None, `'full'` or a `jax.checkpoint_policies` name applied per layer.
+    unrolled); `remat` is None, `'full'`, `'offload'` or a `jax.checkpoint_policies` name applied per layer
+    (`zerojax.models.layers.remat_policy`).
     """
 
     def __init__(self, cfg: LlamaConfig, *, dtype, rngs: nnx.Rngs, scan_layers: bool = True, remat: str | None = None):
