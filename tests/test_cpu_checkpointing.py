@@ -42,7 +42,14 @@ def compiled_step(target: str, remat: str):
 SAVED_INPUTS = LLAMA["num_hidden_layers"] * SEQ * LLAMA["hidden_size"] * 2  # one bf16 sequence per device, per layer
 
 
-@pytest.mark.slow  # four compiles; the default suite compiles the H100 offload step through the estimate
+@pytest.mark.slow  # a compile is 6-15 s; the default suite checks the policy in the jaxpr (below)
+def test_the_estimate_compiles_the_layer_inputs_into_host_memory():
+    on = est.estimate(LLAMA, 8, 3, seq=SEQ, cpu_checkpointing=True, compiled=True, target="h100")
+    assert on.compiled.host_temp_bytes == SAVED_INPUTS
+    assert on.compiled.host_argument_bytes == 0  # the state stays on the device
+
+
+@pytest.mark.slow  # four compiles
 @pytest.mark.parametrize("target", ["h100", "tpu-v5p"])
 def test_offload_moves_exactly_the_layer_inputs_off_the_device(target):
     full, offload = compiled_step(target, "full"), compiled_step(target, "offload")
@@ -103,11 +110,8 @@ def test_cpu_checkpointing_refuses_another_policy_and_warns_for_a_model_without_
                in str(w.message) for w in caught if issubclass(w.category, ConfigWarning))
 
 
-def test_the_estimate_compiles_the_layer_inputs_into_host_memory(capsys):
-    on = est.estimate(LLAMA, 8, 3, seq=SEQ, cpu_checkpointing=True, compiled=True, target="h100")
-    assert on.compiled.host_temp_bytes == SAVED_INPUTS
-    assert on.compiled.host_argument_bytes == 0  # the state stays on the device
-    off = est.estimate(LLAMA, 8, 3, seq=SEQ)
+def test_the_estimate_counts_the_layer_inputs_in_host_memory(capsys):
+    on, off = (est.estimate(LLAMA, 8, 3, seq=SEQ, cpu_checkpointing=flag) for flag in (True, False))
     assert off.activation_bytes - on.activation_bytes == SAVED_INPUTS
     assert cli(["estimate", "--model", "llama-2-7b", "--devices", "8", "--deepspeed", "ds.json",
                 "--cpu-checkpointing"]) == 2

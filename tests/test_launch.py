@@ -146,6 +146,7 @@ def test_hf_export_of_a_four_process_run_loads_in_transformers(tmp_path):
     assert np.abs(logits[4] - hf_tiny.torch_logits(hf_tiny.torch_model("llama"), ids)).max() > 1e-2  # trained
 
 
+@pytest.mark.slow  # a rank that dies by exit status is checked by default (test_failed_rank_stops_the_others_...)
 def test_sigkill_of_one_process_ends_the_run_naming_its_rank():
     proc = subprocess.Popen(
         [*LAUNCH, "--nproc", "2", "--grace", "3", "--timeout", "200", "--", sys.executable, "-m",
