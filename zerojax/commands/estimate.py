@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     where = f"{args.devices} x {target.description}" if target else f"{args.devices} devices"
-    remat = ("full remat, layer inputs in host memory" if (deepspeed.cpu_checkpointing if deepspeed else args.cpu_checkpointing)
-             else "full remat")
+    on_host = deepspeed.cpu_checkpointing if deepspeed is not None else args.cpu_checkpointing
+    remat = "full remat, layer inputs in host memory" if on_host else "full remat"
     if args.deepspeed:
         print(f"{args.model}: {results[0].params:,} parameters on {where}, seq {args.seq}, the Trainer's step for "
               f"{args.deepspeed}, {remat}")
