@@ -113,6 +113,8 @@ def test_cpu_checkpointing_refuses_another_policy_and_warns_for_a_model_without_
 def test_the_estimate_counts_the_layer_inputs_in_host_memory(capsys):
     on, off = (est.estimate(LLAMA, 8, 3, seq=SEQ, cpu_checkpointing=flag) for flag in (True, False))
     assert off.activation_bytes - on.activation_bytes == SAVED_INPUTS
+    assert (on.host_activation_bytes, off.host_activation_bytes) == (SAVED_INPUTS, 0)
+    assert on.as_json()["host_activation_bytes"] == SAVED_INPUTS
     assert cli(["estimate", "--model", "llama-2-7b", "--devices", "8", "--deepspeed", "ds.json",
                 "--cpu-checkpointing"]) == 2
     assert "--deepspeed states the stage, offload, micro-batch, accumulator dtype and activation checkpointing; drop " \

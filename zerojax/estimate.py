@@ -18,7 +18,7 @@ import math
 from zerojax._units import byte_count
 from zerojax.compiled import Compiled, DeviceMemoryExceeded, compile_train_step
 from zerojax.hlo import compiled_collectives, host_layout_bytes, lowered_collectives, step_collectives
-from zerojax.sizing import PRESETS, activation_bytes, load_model_config, model_dims
+from zerojax.sizing import PRESETS, activation_bytes, load_model_config, model_dims, saved_input_bytes
 
 def parse_bytes(text: str | int, what: str = "device_memory") -> int:
     """`'80GB'` (10^9), `'80GiB'` (2^30), `'512MB'` or a plain integer number of bytes."""
@@ -51,6 +51,7 @@ class StageEstimate:
     compiled: Compiled | None = None
     refused: str | None = None  # the compiler's refusal (`DeviceMemoryExceeded`): the step cannot fit
     refused_bytes: int = 0  # the temporaries it said the step needs
+    host_activation_bytes: int = 0  # the saved layer inputs in host memory (cpu_checkpointing), analytic
 
     @property
     def theory_collective_bytes(self) -> int:
@@ -94,6 +95,7 @@ class StageEstimate:
             "refused": self.refused,
             "theory_model_state_bytes": int(self.theory_model_state_bytes),
             "host_bytes": self.host_bytes,
+            "host_activation_bytes": self.host_activation_bytes,
             "collective_bytes": self.collective_bytes,
             "theory_collective_bytes": int(self.theory_collective_bytes),
             "fits": self.fits,
@@ -300,6 +302,8 @@ def _measure(hf_config: dict, graphdef, plan, config, seq: int, device_memory: i
         model_state_bytes=report.model_state_bytes, theory_model_state_bytes=theory,
         activation_bytes=activation_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb,
                                           saved_on_host=config.cpu_checkpointing),
+        host_activation_bytes=(saved_input_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb)
+                               if config.cpu_checkpointing else 0),
         theory_collectives=theory_collectives,
         device_memory=device_memory,
     )
@@ -385,14 +389,14 @@ def table(estimates: list[StageEstimate]) -> str:
         fits = "-" if e.fits is None else ("yes" if e.fits else "no*" if e.refused else "no")
         lines.append(
             f"{describe_option(e):46} {num(e.model_state_bytes)} {num(e.theory_model_state_bytes)} "
-            f"{num(e.host_bytes)} {num(e.activation_bytes)} {num(e.peak_bytes)} "
+            f"{num(e.host_bytes + e.host_activation_bytes)} {num(e.activation_bytes)} {num(e.peak_bytes)} "
             f"{num(e.collective_bytes['total'])} {fits:>5}"
         )
     src = ("compiled (XLA memory analysis: device arguments + outputs - aliases + temporaries)"
            if estimates and estimates[0].compiled else "analytic (device model states + activations)")
     lines.append(
         f"{unit} per device. states: params + gradient accumulator + master + optimizer state (theory: the ZeRO "
-        f"formula); peak: {src}; comm/step: all-gather results + reduce-scatter and all-to-all operands + 2 x all-reduce operands."
+        f"formula); host: the states and saved layer inputs kept in host memory; peak: {src}; comm/step: all-gather results + reduce-scatter and all-to-all operands + 2 x all-reduce operands."
     )
     lines += [f"no*: {describe_option(e)}: {e.refused}" for e in estimates if e.refused]
     return "\n".join(lines)

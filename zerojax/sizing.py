@@ -78,6 +78,11 @@ def model_dims(hf_config: dict) -> Dims:
     return Dims(c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size, c.vocab_size)
 
 
+def saved_input_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int = 2) -> int:
+    """The layer inputs full rematerialisation saves for the backward pass, per device (L x B x T x H)."""
+    return dims.layers * micro_batch * seq * dims.hidden * compute_bytes
+
+
 def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int = 2, *,
                      saved_on_host: bool = False) -> int:
     """Activations per device with full rematerialisation, an estimate (attention not fused).
@@ -88,7 +93,7 @@ def activation_bytes(dims: Dims, seq: int, micro_batch: int, compute_bytes: int 
     their gradient.
     """
     b, t, h = micro_batch, seq, dims.hidden
-    saved = 0 if saved_on_host else dims.layers * b * t * h * compute_bytes
+    saved = 0 if saved_on_host else saved_input_bytes(dims, seq, micro_batch, compute_bytes)
     layer = (16 * b * t * h + 3 * b * t * dims.inner) * compute_bytes + 2 * 2 * b * dims.heads * t * t * 4
     logits = b * t * dims.vocab * (2 * 4 + compute_bytes)
     return saved + layer + logits
