@@ -31,7 +31,7 @@ def _leaves(tree) -> list:
 
 
 @pytest.mark.parametrize("zero", [
-    pytest.param({"stage": 3, "stage3_param_persistence_threshold": 0}, id="zero3"),
+    pytest.param({"stage": 3, "stage3_param_persistence_threshold": 0}, id="zero3", marks=pytest.mark.slow),
     pytest.param({"stage": 2, "offload_optimizer": {"device": "cpu"}}, id="zero2-offload", marks=pytest.mark.slow),
 ])
 def test_estimate_compiles_the_trainers_step(zero):

@@ -51,6 +51,7 @@ def torch_logits(hf_dir):
     return hf_tiny.torch_logits(model, hf_tiny.token_ids())
 
 
+@pytest.mark.slow  # ~13 s; `make demo` exports and loads in transformers, test_hf_export loads exports by default
 def test_cli_export_loads_in_transformers(tmp_path):
     plan, graphdef, state = train_and_save(tmp_path / "ck", zj.Precision.fp32(), steps=3)
     ours = np.asarray(hf_tiny.jitted_logits(graphdef, state.params, hf_tiny.token_ids()))

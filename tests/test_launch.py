@@ -107,6 +107,7 @@ def test_zero3_on_four_processes_matches_one_process_with_eight_devices(four_pro
     np.testing.assert_allclose(four_processes[0], eight_devices, rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow  # ~17 s; CI runs it with the slow tests (the default suite stays under 10 minutes)
 def test_zero3_on_two_processes_matches_one_process_with_four_devices():
     np.testing.assert_allclose(launch_training(2), single_process(4), rtol=1e-5, atol=0)
 

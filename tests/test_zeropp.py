@@ -173,6 +173,7 @@ def exact(llama):
     return _step(llama, zj.Quantization())
 
 
+@pytest.mark.slow  # the bytes; test_qwz_and_qgz_together_... checks the quantized step by default
 def test_qwz_gathers_int8_blocks_at_half_the_bf16_bytes_inside_the_scan(llama, exact):
     found, text, update, _, _ = _step(llama, zj.Quantization(weights=True))
     assert set(found["all-gather"]) == {"i8", "f32"}
@@ -183,7 +184,8 @@ def test_qwz_gathers_int8_blocks_at_half_the_bf16_bytes_inside_the_scan(llama, e
     assert _cosine(update, exact[2]) >= 0.999
 
 
-@pytest.mark.parametrize("bits, ratio", [(8, 0.55), pytest.param(4, 0.30, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the bytes; test_qwz_and_qgz_together_... checks the quantized step by default
+@pytest.mark.parametrize("bits, ratio", [(8, 0.55), (4, 0.30)])
 def test_qgz_reduces_gradients_through_all_to_all_in_fewer_bytes(llama, exact, bits, ratio):
     found, _, update, _, _ = _step(llama, zj.Quantization(gradients=True, gradient_bits=bits))
     assert "reduce-scatter" not in found
