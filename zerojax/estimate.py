@@ -294,16 +294,16 @@ def _measure(hf_config: dict, graphdef, plan, config, seq: int, device_memory: i
     theory = zero_formula_bytes(stage, psi, devices, param_bytes=cb if plan.keeps_master else 0, grad_bytes=ab,
                                 optimizer_bytes=prec.master_dtype.itemsize + 8)
     theory_collectives = _theory_collectives(plan, psi)
+    dims, micro = model_dims(hf_config), config.train_micro_batch_size_per_gpu
+    on_host = saved_input_bytes(dims, seq, micro, cb) if config.cpu_checkpointing else 0
     result = StageEstimate(
         stage=stage, offload_optimizer=config.offload_optimizer.enabled, offload_param=config.offload_param.enabled,
         devices=devices, params=psi,
         param_bytes=report.param_bytes, grad_bytes=report.grad_bytes, master_bytes=report.master_bytes,
         optimizer_bytes=report.opt_state_bytes, held_bytes=report.held_bytes, host_bytes=report.host_bytes,
         model_state_bytes=report.model_state_bytes, theory_model_state_bytes=theory,
-        activation_bytes=activation_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb,
-                                          saved_on_host=config.cpu_checkpointing),
-        host_activation_bytes=(saved_input_bytes(model_dims(hf_config), seq, config.train_micro_batch_size_per_gpu, cb)
-                               if config.cpu_checkpointing else 0),
+        activation_bytes=activation_bytes(dims, seq, micro, cb, saved_on_host=config.cpu_checkpointing),
+        host_activation_bytes=on_host,
         theory_collectives=theory_collectives,
         device_memory=device_memory,
     )

@@ -406,13 +406,13 @@ def _checkpointing(model: Any, args: TrainingArguments, config: ZeroConfig) -> l
         wanted = "full"
     else:
         return []
-    if not hasattr(model, "remat") and wanted == OFFLOAD:
+    if not hasattr(model, "remat"):
+        if wanted != OFFLOAD:
+            return [(name, f"{type(model).__name__} has no remat attribute; wrap its layers in nnx.remat yourself")]
         warnings.warn(f"{name} has no effect: {type(model).__name__} has no remat attribute; save its layers' inputs "
                       "in host memory yourself (jax.checkpoint_policies.save_and_offload_only_these_names).",
                       ConfigWarning, stacklevel=3)
         return []
-    if not hasattr(model, "remat"):
-        return [(name, f"{type(model).__name__} has no remat attribute; wrap its layers in nnx.remat yourself")]
     if wanted == OFFLOAD and model.remat not in (None, "full", OFFLOAD):
         raise ConfigError(
             f"activation_checkpointing.cpu_checkpointing=true saves each layer's input in host memory, but the "
