@@ -257,6 +257,27 @@ def test_one_non_finite_gradient_tensor_skips_the_whole_step():
     assert int(state.skipped) == 1 and int(state.step) == 2
 
 
+
+def test_finite_gradients_whose_norm_overflows_fp32_skip_the_step():
+    """Gradients that are each finite (1e20) but whose squares overflow fp32 skip the step, as DeepSpeed's
+    overflow check (the fp32 sum of each gradient) would; the same gradients at 1e10 are applied."""
+    params = tiny.init_params()
+    plan = _plan(params, optax.adam(1e-3), zj.ZeroRules(zj.make_mesh(), stage=2))
+
+    def loss_fn(p, batch):  # d/d(pos) = `big` everywhere
+        return tiny.loss_fn(p, batch) + batch["big"][0] * jnp.sum(p["pos"])
+
+    step = zj.make_train_step(loss_fn, plan)
+    batch = next(iter(tiny.batches(1, 16)))
+    for big, skipped in ((1e20, True), (1e10, False)):
+        state = zj.init_state(params, plan)
+        before = jax.device_get(state)
+        state, metrics = step(state, dict(batch, big=np.full((16,), big, np.float32)))
+        assert bool(metrics["skipped"]) is skipped and not np.isfinite(float(metrics["grad_norm"])) is skipped
+        same = jax.tree.leaves(jax.tree.map(np.array_equal, before.params, jax.device_get(state.params)))
+        assert all(same) is skipped
+
+
 def test_fp16_scales_the_loss_dynamically_by_default():
     """`Precision.fp16()` is DeepSpeed's fp16 block without settings: a dynamic loss scale from 2**16."""
     params = tiny.init_params()

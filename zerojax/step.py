@@ -90,7 +90,7 @@ def make_train_step(
     that pads nothing: see `zerojax.layouts`) or `"row-major"`; None picks the compiler's on TPU without
     offload (XLA:TPU would otherwise copy some row-major stacked weights every step), else row-major.
     Metrics: `loss` (mean over the global batch), `grad_norm` (before clipping), `skipped` (the update
-    was dropped for non-finite gradients) and `loss_scale`.
+    was dropped: the gradients' global norm was not finite) and `loss_scale`.
     """
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(
@@ -187,8 +187,10 @@ def make_train_step(
         key = None if key is None else jax.random.fold_in(key, state.step)
         grads, loss = sharded_grads(_step_params(state.params, shardings.params, per_layer), batch, scale, key)
         grads = jax.tree.map(lambda g: g.astype(prec.master_dtype) / (scale * ranks * micro_batches), grads)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        grad_norm = optax.tree.norm(grads)  # inf or nan on a skipped step
+        grad_norm = optax.tree.norm(grads)
+        # An inf or nan in any gradient makes the fp32 norm non-finite, as it makes DeepSpeed's fp32 sum of
+        # each gradient non-finite; like that sum, a norm beyond fp32's range skips the step too.
+        finite = jnp.isfinite(grad_norm)
 
         keeps_master = plan.keeps_master
         master, master_shardings = state.weights, shardings.weights
