@@ -34,9 +34,14 @@ GIB = 2**30
 _ALLOCATION = re.compile(r"^allocation \d+: size (\d+), (.*)$", re.M)
 
 
+def dumped() -> set[str]:
+    """The buffer assignments dumped so far."""
+    return set(map(str, Path(DUMP).glob("*after_optimizations-buffer-assignment.txt")))
+
+
 def assigned_temporaries(before: set[str]) -> int:
     """Bytes of the device-memory temporary allocations in the buffer assignment dumped since `before`."""
-    new = sorted(set(map(str, Path(DUMP).glob("*after_optimizations-buffer-assignment.txt"))) - before)
+    new = sorted(dumped() - before)
     if not new:
         raise SystemExit(f"no buffer assignment was dumped to {DUMP}: this compiler ignores --xla_dump_to")
     text = Path(new[-1]).read_text()
@@ -54,17 +59,16 @@ def main() -> int:
     args = parser.parse_args()
     target = resolve(args.target)
     devices = target.devices(args.devices)
-    rows, assigned = [], []
+    rows = []  # (JSON row, assigned temporaries in GiB, unrounded)
     for layers in args.layers:
-        before = set(map(str, Path(DUMP).glob("*after_optimizations-buffer-assignment.txt")))
+        before = dumped()
         config = dict(est.PRESETS["llama-2-7b"], num_hidden_layers=layers)
         row = compare.compiled("gspmd" if args.baseline else "zerojax", config, devices, 1, 2048, remat=args.remat)
-        assigned.append(assigned_temporaries(before) / GIB)
-        row.update(assigned_temporaries_gib=round(assigned[-1], 3),
-                   unassigned_gib=round(row["temporaries_gib"] - assigned[-1], 3))
-        rows.append(row)
+        assigned = assigned_temporaries(before) / GIB
+        row.update(assigned_temporaries_gib=round(assigned, 3), unassigned_gib=round(row["temporaries_gib"] - assigned, 3))
+        rows.append((row, assigned))
         print(json.dumps({"target": target.name, "devices": args.devices, "model": "llama-2-7b", **row}), flush=True)
-    for (a, x), (b, y) in zip(zip(rows, assigned), zip(rows[1:], assigned[1:])):
+    for (a, x), (b, y) in zip(rows, rows[1:]):
         span = b["layers"] - a["layers"]
         print(json.dumps({"target": target.name, "devices": args.devices, "step": a["step"],
                           "layers": f"{a['layers']}->{b['layers']}",
