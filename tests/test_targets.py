@@ -7,6 +7,8 @@ both modes, parameter offload, a partial ratio) compiles within two minutes. GPU
 offload with one sentence: compile-only CUDA devices have no host memory (JAX would drop the kinds).
 """
 
+import re
+
 import jax
 import optax
 import pytest
@@ -49,12 +51,15 @@ def compile_case(model, target: str, case: str):
     mesh = zj.make_mesh(devices=targets.TARGETS[target].devices(8), **shape)
     rules = zj.ZeroRules(mesh, stage=stage, hierarchy=hierarchy)
     plan = zj.make_plan(params, optax.adamw(1e-4), rules, precision, offload=offload)
-    batch = jax.ShapeDtypeStruct((micro * plan.rules.data_size, SEQ), jax.numpy.int32,
-                                 sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(zj.DATA_AXES)))
     step = zj.make_train_step(causal_lm_loss(graphdef), plan, micro_batches=micro, max_grad_norm=1.0)
     # On TPU without offload the compiler lays the state out (zerojax.layouts); elsewhere row-major.
     assert (step.jit is not None) == (target.startswith("tpu") and offload is None)
-    return plan, compile_train_step(step, plan, {"input_ids": batch}, target=target)
+    return plan, compile_train_step(step, plan, batch_of(plan, micro), target=target)
+
+
+def batch_of(plan, micro: int = 1) -> dict:
+    return {"input_ids": jax.ShapeDtypeStruct((micro * plan.rules.data_size, SEQ), jax.numpy.int32, sharding=(
+        jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec(zj.DATA_AXES))))}
 
 
 def check_state_and_collectives(plan, compiled, *, tolerance: float):
@@ -90,6 +95,17 @@ def test_every_mode_compiles_for_tpu_v5p(model, case):
     host = zj.memory_report(plan).host_bytes
     # XLA:TPU reports host bytes itself: exactly the plan's offloaded state.
     assert compiled.host_argument_bytes == pytest.approx(host, rel=0.02) if host else compiled.host_argument_bytes == 0
+
+
+@pytest.mark.parametrize("target", ["h100", "tpu-v5p"])
+def test_stage3_gathers_flat_vectors_for_tpu_only(model, target):
+    graphdef, params = model
+    mesh = zj.make_mesh(devices=targets.TARGETS[target].devices(8))
+    plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3), zj.Precision.bf16())
+    lowered = zj.make_train_step(causal_lm_loss(graphdef), plan).lower(plan.abstract_state(), batch_of(plan))
+    gathered = re.findall(r'"stablehlo\.all_gather".*?-> tensor<((?:\d+x)+)[a-z]+\d*>', lowered.as_text())
+    ranks = {shape.count("x") for shape in gathered}
+    assert ranks == ({1} if target.startswith("tpu") else {1, 2})  # the norm scales are vectors anyway
 
 
 def test_gpu_target_refuses_host_offload_and_tpu_fp16_in_one_sentence(model):

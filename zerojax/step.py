@@ -37,7 +37,7 @@ from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zerojax.compiled import refused_for_memory
-from zerojax.gather import Sharded, reduce_scatter
+from zerojax.gather import Sharded, reduce_scatter, settled
 from zerojax.layerwise import is_elementwise, update_by_layer
 from zerojax.layouts import automatic, relayout, unpadded
 from zerojax.loss import TokenLoss, batch_mean, token_weight, value
@@ -117,8 +117,8 @@ def make_train_step(
             carriers = _tree(lambda l, h: _carrier(l, reduce_dtype, h, mesh), layouts, per_layer)
 
             def scaled_loss(carriers):
-                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, quant, h), carriers, params,
-                             layouts, per_layer)
+                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, quant, h, mesh), carriers,
+                             params, layouts, per_layer)
                 loss = value(loss_fn, (used, b) if key is None else (used, b, key), weight)
                 return loss * scale, loss
 
@@ -312,15 +312,18 @@ class TrainStep:
         return (key,) if self.rng else ()
 
 
-def _in_use(param, carrier, layout: LeafLayout, compute_dtype, quant: Quantization, on_host: bool = False):
+def _in_use(param, carrier, layout: LeafLayout, compute_dtype, quant: Quantization, on_host: bool, mesh):
     """The parameter as the model sees it, in the compute dtype: whole (gathered on use), or `Sharded`
     for a stacked layer (`on_host`: copied to the device one layer at a time, when it is used). Its
-    gradient lands in `carrier` (see `zerojax.gather`); `quant`: which of the two move quantized."""
+    gradient lands in `carrier` (see `zerojax.gather`), settled where it is scattered outside the layer
+    scan; `quant`: which of the two move quantized."""
     gathered = bool(layout.param_axes)
     axes = layout.param_axes if gathered else layout.grad_axes
     dim = (layout.dim - param.ndim) if layout.dim is not None else -1
-    node = Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant)
-    return node if layout.stacked else node.use()
+    flat = mesh.devices.flat[0].platform == "tpu"
+    if layout.stacked:
+        return Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, flat)
+    return Sharded(param, settled(carrier), axes, dim, gathered, compute_dtype, on_host, quant, flat).use()
 
 
 def _carrier(layout: LeafLayout, dtype, on_host: bool, mesh) -> jax.Array:
@@ -389,8 +392,8 @@ def make_eval_step(loss_fn: LossFn, plan: ZeroPlan, *, rng: bool = False) -> Cal
     per_layer, compute, quant = _fetched_per_layer(plan), plan.precision.compute_dtype, plan.rules.quantization
 
     def local_loss(params, batch):
-        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, quant, h), params,
-                     layouts, per_layer)
+        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, quant, h, mesh),
+                     params, layouts, per_layer)
         return batch_mean(loss_fn, (used, batch, None) if rng else (used, batch), axes, plan.rules.data_size)
 
     sharded = jax.shard_map(
