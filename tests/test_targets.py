@@ -17,6 +17,7 @@ import zerojax as zj
 from zerojax import targets
 from zerojax.compiled import compile_train_step
 from zerojax.models import abstract_model, causal_lm_loss
+from zerojax.rules import is_layout
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 512, "intermediate_size": 1024,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
@@ -97,15 +98,21 @@ def test_every_mode_compiles_for_tpu_v5p(model, case):
     assert compiled.host_argument_bytes == pytest.approx(host, rel=0.02) if host else compiled.host_argument_bytes == 0
 
 
-@pytest.mark.parametrize("target", ["h100", "tpu-v5p"])
-def test_stage3_gathers_flat_vectors_for_tpu_only(model, target):
+def test_for_tpu_stage3_gathers_flat_vectors_and_settles_unstacked_gradient_shards(model):
     graphdef, params = model
-    mesh = zj.make_mesh(devices=targets.TARGETS[target].devices(8))
-    plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3), zj.Precision.bf16())
-    lowered = zj.make_train_step(causal_lm_loss(graphdef), plan).lower(plan.abstract_state(), batch_of(plan))
-    gathered = re.findall(r'"stablehlo\.all_gather".*?-> tensor<((?:\d+x)+)[a-z]+\d*>', lowered.as_text())
-    ranks = {shape.count("x") for shape in gathered}
-    assert ranks == ({1} if target.startswith("tpu") else {1, 2})  # the norm scales are vectors anyway
+    texts = {}
+    for target in ("h100", "tpu-v5p"):
+        mesh = zj.make_mesh(devices=targets.TARGETS[target].devices(8))
+        plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3), zj.Precision.bf16())
+        step = zj.make_train_step(causal_lm_loss(graphdef), plan)
+        texts[target] = step.lower(plan.abstract_state(), batch_of(plan)).as_text()
+    ranks = {t: {s.count("x") for s in re.findall(r'"stablehlo\.all_gather".*?-> tensor<((?:\d+x)+)[a-z]+\d*>', text)}
+             for t, text in texts.items()}
+    assert ranks == {"h100": {1, 2}, "tpu-v5p": {1}}  # the norm scales are vectors on both
+    barriers = {t: text.count("stablehlo.optimization_barrier") for t, text in texts.items()}  # remat's too
+    layouts = jax.tree.leaves(plan.param_layouts, is_leaf=is_layout)
+    unstacked = [layout for layout in layouts if not layout.stacked]  # embedding, head, final norm
+    assert barriers["tpu-v5p"] - barriers["h100"] == len(unstacked)
 
 
 def test_gpu_target_refuses_host_offload_and_tpu_fp16_in_one_sentence(model):

@@ -315,15 +315,17 @@ class TrainStep:
 def _in_use(param, carrier, layout: LeafLayout, compute_dtype, quant: Quantization, on_host: bool, mesh):
     """The parameter as the model sees it, in the compute dtype: whole (gathered on use), or `Sharded`
     for a stacked layer (`on_host`: copied to the device one layer at a time, when it is used). Its
-    gradient lands in `carrier` (see `zerojax.gather`), settled where it is scattered outside the layer
-    scan; `quant`: which of the two move quantized."""
+    gradient lands in `carrier` (see `zerojax.gather`); `quant`: which of the two move quantized. For
+    XLA:TPU a shard along dim 0 is gathered flat, and outside the layer scan the gradient shard is
+    `settled` where it is scattered (on CPU and GPU neither changes the program's memory)."""
     gathered = bool(layout.param_axes)
     axes = layout.param_axes if gathered else layout.grad_axes
     dim = (layout.dim - param.ndim) if layout.dim is not None else -1
-    flat = mesh.devices.flat[0].platform == "tpu"
+    tpu = mesh.devices.flat[0].platform == "tpu"
     if layout.stacked:
-        return Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, flat)
-    return Sharded(param, settled(carrier), axes, dim, gathered, compute_dtype, on_host, quant, flat).use()
+        return Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, tpu)
+    carrier = settled(carrier) if tpu else carrier
+    return Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, tpu).use()
 
 
 def _carrier(layout: LeafLayout, dtype, on_host: bool, mesh) -> jax.Array:
