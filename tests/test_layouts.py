@@ -88,9 +88,10 @@ def test_a_bad_state_layout_and_compiler_layouts_beside_offload_are_refused():
 
 
 @pytest.mark.slow
-def test_v5p_holds_less_with_the_compilers_layouts_than_row_major():
-    """XLA:TPU copies row-major stacked attention weights into its own order each step; with the
-    state in the compiler's layouts the copies are gone and the state itself is no larger."""
+def test_v5p_holds_no_more_with_the_compilers_layouts_than_row_major():
+    """The compiler's layouts never cost memory: the state is no larger and the temporaries no more.
+    (XLA:TPU used to copy row-major stacked attention weights into its own order each step; since the
+    stage-3 gathers are flat on TPU, `zerojax.gather`, neither layout leads to those copies.)"""
     graphdef, params = abstract_model(LLAMA, dtype="fp32", scan_layers=True, remat="full")
     mesh = zj.make_mesh(devices=targets.TARGETS["tpu-v5p"].devices(8))
     plan = zj.make_plan(params, optax.adamw(1e-4), zj.ZeroRules(mesh, stage=3), zj.Precision.bf16())
@@ -100,7 +101,7 @@ def test_v5p_holds_less_with_the_compilers_layouts_than_row_major():
         step = zj.make_train_step(causal_lm_loss(graphdef), plan, max_grad_norm=1.0, state_layout=layout)
         memory[layout] = step.lower(plan.abstract_state(), batch).compile().memory_analysis()
     assert memory["compiler"].argument_size_in_bytes == memory["row-major"].argument_size_in_bytes
-    assert memory["compiler"].temp_size_in_bytes < 0.95 * memory["row-major"].temp_size_in_bytes
+    assert memory["compiler"].temp_size_in_bytes <= memory["row-major"].temp_size_in_bytes
 
 
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "

@@ -1,10 +1,11 @@
 """How the train state is laid out in an accelerator's memory: row-major, or as its compiler prefers.
 
 XLA:TPU stores arrays in tiles and, for some stacked weights, prefers a dimension order other than
-row-major: given row-major state it copies those leaves into its order at the start of every step
-and holds the copies to the end (for Llama-2-7B on 8 v5p chips, 1 GiB: the fp32 attention weights).
+row-major: given row-major state it can copy those leaves into its order at the start of every step
+and hold the copies to the end (for Llama-2-7B on 8 v5p chips, 1 GiB of fp32 attention weights, until
+the stage-3 gathers went flat on TPU, `zerojax.gather`, which keeps its order from reaching the state).
 Letting the compiler choose the layout of the state it takes and returns (`jax.jit` with
-`Layout.AUTO`) removes the copies. A chosen layout is kept only where it pads nothing (a tiled
+`Layout.AUTO`) removes such copies. A chosen layout is kept only where it pads nothing (a tiled
 dimension smaller than its tile would grow the leaf for good); the other leaves stay row-major. With
 offloaded state everything stays row-major: XLA:TPU refuses a chosen layout beside host-resident
 parameters. XLA:CPU and XLA:GPU choose row-major, so there this changes nothing.
