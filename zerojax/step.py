@@ -102,7 +102,7 @@ def make_train_step(
     rules, prec, layouts = plan.rules, plan.precision, plan.param_layouts
     mesh, axes, ranks = rules.mesh, rules.data_axes, rules.data_size
     batch_sharding = NamedSharding(mesh, P(DATA_AXES))
-    per_layer = _fetched_per_layer(plan)
+    per_layer, tpu = _fetched_per_layer(plan), _on_tpu(mesh)
     reduce_dtype, accum_dtype, quant = prec.reduce_dtype, prec.accum_dtype, rules.quantization
 
     def local_grads(params, batch, scale, key):
@@ -117,7 +117,7 @@ def make_train_step(
             carriers = _tree(lambda l, h: _carrier(l, reduce_dtype, h, mesh), layouts, per_layer)
 
             def scaled_loss(carriers):
-                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, quant, h, mesh), carriers,
+                used = _tree(lambda c, p, l, h: _in_use(p, c, l, prec.compute_dtype, quant, h, tpu), carriers,
                              params, layouts, per_layer)
                 loss = value(loss_fn, (used, b) if key is None else (used, b, key), weight)
                 return loss * scale, loss
@@ -251,7 +251,7 @@ def make_train_step(
 
     offloaded = plan.offload.optimizer is not None or plan.offload.params is not None
     if state_layout is None:
-        state_layout = "compiler" if mesh.devices.flat[0].platform == "tpu" and not offloaded else "row-major"
+        state_layout = "compiler" if tpu and not offloaded else "row-major"
     if state_layout not in ("compiler", "row-major"):
         raise ValueError(f"make_train_step: state_layout={state_layout!r} must be 'compiler', 'row-major' or None (the "
                          "compiler's on TPU, row-major elsewhere).")
@@ -312,20 +312,24 @@ class TrainStep:
         return (key,) if self.rng else ()
 
 
-def _in_use(param, carrier, layout: LeafLayout, compute_dtype, quant: Quantization, on_host: bool, mesh):
+def _on_tpu(mesh) -> bool:
+    """Whether the mesh's devices are TPUs: XLA:TPU gets flat gathers, settled gradient shards (`_in_use`) and,
+    by default, the compiler's state layouts."""
+    return mesh.devices.flat[0].platform == "tpu"
+
+
+def _in_use(param, carrier, layout: LeafLayout, compute_dtype, quant: Quantization, on_host: bool, tpu: bool):
     """The parameter as the model sees it, in the compute dtype: whole (gathered on use), or `Sharded`
     for a stacked layer (`on_host`: copied to the device one layer at a time, when it is used). Its
     gradient lands in `carrier` (see `zerojax.gather`); `quant`: which of the two move quantized. For
     XLA:TPU a shard along dim 0 is gathered flat, and outside the layer scan the gradient shard is
-    `settled` where it is scattered (on CPU and GPU neither changes the program's memory)."""
+    `settled` where it is scattered (`tpu`; on CPU and GPU neither changes the program's memory)."""
     gathered = bool(layout.param_axes)
     axes = layout.param_axes if gathered else layout.grad_axes
     dim = (layout.dim - param.ndim) if layout.dim is not None else -1
-    tpu = mesh.devices.flat[0].platform == "tpu"
-    if layout.stacked:
-        return Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, tpu)
-    carrier = settled(carrier) if tpu else carrier
-    return Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, tpu).use()
+    carrier = settled(carrier) if tpu and not layout.stacked else carrier
+    node = Sharded(param, carrier, axes, dim, gathered, compute_dtype, on_host, quant, tpu)
+    return node if layout.stacked else node.use()
 
 
 def _carrier(layout: LeafLayout, dtype, on_host: bool, mesh) -> jax.Array:
@@ -392,9 +396,10 @@ def make_eval_step(loss_fn: LossFn, plan: ZeroPlan, *, rng: bool = False) -> Cal
     None here (deterministic: no dropout)."""
     layouts, mesh, axes = plan.param_layouts, plan.mesh, plan.rules.data_axes
     per_layer, compute, quant = _fetched_per_layer(plan), plan.precision.compute_dtype, plan.rules.quantization
+    tpu = _on_tpu(mesh)
 
     def local_loss(params, batch):
-        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, quant, h, mesh),
+        used = _tree(lambda p, l, h: _in_use(p, _carrier(l, compute, False, mesh), l, compute, quant, h, tpu),
                      params, layouts, per_layer)
         return batch_mean(loss_fn, (used, batch, None) if rng else (used, batch), axes, plan.rules.data_size)
 
